@@ -1,0 +1,270 @@
+"""Prompt datasets with instruction and context spans, and their alignment onto any tokenizer's tokens.
+
+A :class:`Prompt` carries its text and the character spans of its instruction; everything else is context.
+Spans are aligned to tokens on character offsets (``return_offsets_mapping``), so the same dataset works
+for SentencePiece, byte-level BPE or any other fast tokenizer.
+
+Formats (string ids for configs, see :data:`DATASETS`):
+
+- ``builtin``: the project's own English set (``framework/builtin_prompts.jsonl``).
+- ``jsonl``: one object a line: ``{"id", "prompt", "instructions": [substrings of prompt]}`` or
+  ``"instruction_spans": [[start, end], ...]``, optional ``"split"``, ``"category"``, ``"reference"``.
+- ``final_dataset``: the paper's ``FinalDataset.tsv`` (columns ``ID, Prompt, Response, Instruct&Context``,
+  ``/n`` for newline, ``/t`` for tab); annotated pieces are widened to the prompt sentence holding them.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+BUILTIN_PROMPTS_PATH = Path(__file__).with_name("builtin_prompts.jsonl")
+ORGANISM_PROMPTS_PATH = Path(__file__).parent / "organism" / "heldout_prompts.jsonl"
+
+
+class DataError(ValueError):
+    """A dataset or a prompt does not match what tuneshift expects; the message names the item and the fix."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt. ``instruction_spans`` are ``(start, end)`` character offsets into ``text``."""
+
+    id: str
+    text: str
+    instruction_spans: tuple[tuple[int, int], ...]
+    split: str = "default"
+    category: str = ""
+    reference: str | None = None
+
+    def __post_init__(self) -> None:
+        for start, end in self.instruction_spans:
+            if not 0 <= start < end <= len(self.text):
+                raise DataError(f"prompt {self.id!r}: instruction span ({start}, {end}) lies outside its "
+                                f"{len(self.text)}-character text; spans are [start, end) character offsets")
+
+    @property
+    def instruction_text(self) -> list[str]:
+        return [self.text[s:e] for s, e in self.instruction_spans]
+
+
+# ---- span helpers ---------------------------------------------------------------------------------------------
+def find_span(text: str, piece: str, prompt_id: str) -> tuple[int, int]:
+    """Character span of ``piece`` in ``text`` (exact, else whitespace-insensitive), or a clear error."""
+    piece = piece.strip()
+    start = text.find(piece)
+    if start >= 0:
+        return start, start + len(piece)
+    pattern = r"\s+".join(re.escape(w) for w in piece.split())
+    match = re.search(pattern, text) if pattern else None
+    if match is None:
+        raise DataError(f"prompt {prompt_id!r}: instruction {piece[:80]!r} does not occur in the prompt text; "
+                        "an instruction must be a verbatim substring of the prompt (or give instruction_spans)")
+    return match.span()
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?:])\s+")
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """Sentences of ``text``: split after ``. ! ? :`` followed by white space (the paper's rule)."""
+    spans, start = [], 0
+    for match in _SENTENCE_END.finditer(text):
+        spans.append((start, match.start()))
+        start = match.end()
+    spans.append((start, len(text)))
+    return [(s, e) for s, e in spans if e > s]
+
+
+def widen_to_sentences(text: str, span: tuple[int, int]) -> tuple[int, int]:
+    """Widen ``span`` to the union of the sentences it touches."""
+    touched = [(s, e) for s, e in sentence_spans(text) if s < span[1] and span[0] < e]
+    return (min(s for s, _ in touched), max(e for _, e in touched)) if touched else span
+
+
+def merge_spans(spans: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    merged: list[list[int]] = []
+    for s, e in sorted(spans):
+        if merged and s <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([s, e])
+    return tuple((s, e) for s, e in merged)
+
+
+# ---- loaders --------------------------------------------------------------------------------------------------
+def load_jsonl(path: str | Path, default_split: str = "default") -> list[Prompt]:
+    """Prompts from a JSONL file (format in the module docstring)."""
+    path = _existing(path)
+    prompts = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            pid, text = str(row["id"]), row["prompt"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise DataError(f"{path}:{line_no}: not a prompt object ({err}); each line needs at least "
+                            '{"id": ..., "prompt": ..., "instructions": [...]}') from err
+        if "instruction_spans" in row:
+            spans = [tuple(s) for s in row["instruction_spans"]]
+        else:
+            spans = [find_span(text, piece, pid) for piece in row.get("instructions", [])]
+        prompts.append(Prompt(pid, text, merge_spans(spans), row.get("split", default_split),
+                              row.get("category", ""), row.get("reference")))
+    return prompts
+
+
+def _final_dataset_split(prompt_id: str) -> str:
+    if prompt_id.startswith("user_oriented"):
+        return "self_instruct"
+    return prompt_id.split("_")[0]  # lima, mtbench
+
+
+def decode_tsv_escapes(text: str) -> str:
+    """FinalDataset/AnnotatedDataset write ``/n`` for a newline and ``/t`` for a tab."""
+    return text.replace("/n", "\n").replace("/t", "\t")
+
+
+def load_final_dataset(path: str | Path) -> list[Prompt]:
+    """The paper's ``FinalDataset.tsv``: each annotated instruction piece widened to its prompt sentence."""
+    path = _existing(path)
+    csv.field_size_limit(1 << 30)
+    prompts = []
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        missing = {"ID", "Prompt", "Instruct&Context"} - set(reader.fieldnames or ())
+        if missing:
+            raise DataError(f"{path}: missing columns {sorted(missing)}; expected the FinalDataset.tsv layout "
+                            "ID, Prompt, Response, Instruct&Context")
+        for row in reader:
+            pid, text = row["ID"], decode_tsv_escapes(row["Prompt"])
+            instruct = decode_tsv_escapes(row["Instruct&Context"]).split("&&&")[0]
+            spans = []
+            for piece in instruct.split("|||"):
+                piece = re.sub(r"^\s*Input:\s*", "", piece).strip()
+                if piece:
+                    spans.append(widen_to_sentences(text, find_span(text, piece, pid)))
+            prompts.append(Prompt(pid, text, merge_spans(spans), _final_dataset_split(pid)))
+    return prompts
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"dataset file {str(path)!r} does not exist; give an existing path (relative paths are "
+                        "resolved from the directory you run tuneshift in)")
+    return path
+
+
+DATASETS: dict[str, Callable[..., list[Prompt]]] = {
+    "builtin": lambda path=None: load_jsonl(path or BUILTIN_PROMPTS_PATH, "builtin"),
+    "organism": lambda path=None: load_jsonl(path or ORGANISM_PROMPTS_PATH, "organism"),
+    "jsonl": lambda path: load_jsonl(path),
+    "final_dataset": lambda path: load_final_dataset(path),
+}
+
+
+def load_prompts(fmt: str, path: str | None = None, limit: int | None = None,
+                 splits: Sequence[str] | None = None, ids: Sequence[str] | None = None) -> list[Prompt]:
+    """Load a dataset by format id, optionally filtered by split or id and cut to ``limit`` prompts."""
+    if fmt not in DATASETS:
+        raise DataError(f"unknown dataset format {fmt!r}; available: {', '.join(sorted(DATASETS))}")
+    prompts = DATASETS[fmt](path) if path is not None or fmt in ("builtin", "organism") else DATASETS[fmt]()
+    if splits:
+        prompts = [p for p in prompts if p.split in splits]
+    if ids:
+        prompts = [p for p in prompts if p.id in set(ids)]
+    return prompts[:limit] if limit else prompts
+
+
+# ---- alignment onto tokens ------------------------------------------------------------------------------------
+@dataclass
+class EncodedPrompt:
+    """A prompt as a model sees it. Index tensors are over the model input (template and BOS included).
+
+    ``input_ids``          # [n_prompt_tokens]
+    ``instruction_mask``   # [n_prompt_tokens] bool, tokens overlapping an instruction span
+    ``content_mask``       # [n_prompt_tokens] bool, tokens overlapping the user's prompt text
+    ``response_ids``       # [n_response_tokens] or None until a response is generated or given
+    """
+
+    prompt: Prompt
+    input_ids: torch.Tensor
+    instruction_mask: torch.Tensor
+    content_mask: torch.Tensor
+    tokens: list[str]
+    response_ids: torch.Tensor | None = None
+    response_text: str | None = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def n_prompt(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def n_response(self) -> int:
+        return 0 if self.response_ids is None else int(self.response_ids.numel())
+
+
+def render_prompt(tokenizer, text: str, chat_template: bool) -> tuple[str, int, bool]:
+    """The model input string for ``text``, where ``text`` starts in it, and whether BOS must be prepended.
+
+    With ``chat_template`` the tokenizer's template is applied (it brings its own BOS if any); without, the raw
+    prompt is used and BOS is prepended when the model has one (the paper's protocol: ``BOS, x``).
+    """
+    if chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError("chat_template=true but this tokenizer has no chat template; set chat_template=false "
+                            "for base models")
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                 add_generation_prompt=True)
+        return rendered, rendered.index(text), False
+    return text, 0, tokenizer.bos_token_id is not None
+
+
+def encode_prompt(tokenizer, prompt: Prompt, chat_template: bool = False) -> EncodedPrompt:
+    """Tokenize ``prompt`` (with template or BOS) and mark its instruction tokens on character offsets."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError("span alignment needs a fast tokenizer (offset mapping); load it with use_fast=True")
+    rendered, shift, add_bos = render_prompt(tokenizer, prompt.text, chat_template)
+    enc = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    if add_bos and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids, offsets = [tokenizer.bos_token_id] + ids, [(0, 0)] + offsets
+    starts = torch.tensor([s for s, _ in offsets]) - shift
+    ends = torch.tensor([e for _, e in offsets]) - shift
+    real = ends > starts  # special tokens have empty offsets
+
+    def overlaps(spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+        mask = torch.zeros(len(ids), dtype=torch.bool)
+        for s, e in spans:
+            hit = real & (starts < e) & (ends > s)
+            if not hit.any():
+                raise DataError(f"prompt {prompt.id!r}: instruction span {prompt.text[s:e]!r} covers no token; "
+                                "check the dataset's instruction annotation against the prompt text")
+            mask |= hit
+        return mask
+
+    return EncodedPrompt(prompt, torch.tensor(ids), overlaps(prompt.instruction_spans),
+                         overlaps([(0, len(prompt.text))]), tokenizer.convert_ids_to_tokens(ids))
+
+
+def left_pad(sequences: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-pad 1-D id tensors: ``input_ids [B, T]``, ``attention_mask [B, T]``, ``position_ids [B, T]``.
+
+    Position ids count real tokens only, so a padded row computes what it would alone.
+    """
+    width = max(int(s.numel()) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - seq.numel():] = seq
+        mask[row, width - seq.numel():] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
