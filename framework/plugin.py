@@ -72,6 +72,7 @@ class Plugin:
     Options: ClassVar[type] = NoOptions
     needs_responses: ClassVar[bool] = False  # the runner generates each model's own response first
     weight_only: ClassVar[bool] = False  # reads weights through the adapter; no batches, no trace
+    needs_eager_attention: ClassVar[bool] = False  # load with eager attention (forward-mode AD, patterns)
 
     _registry: ClassVar[dict[str, type["Plugin"]]] = {}
 

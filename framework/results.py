@@ -100,12 +100,15 @@ class ResultStore:
         atomic_write_bytes(path, text.encode())
         return path
 
-    def mark_done(self, plugin: str, model: str) -> None:
-        atomic_write_bytes(self.dir(plugin, model) / "_DONE", b"")
+    def mark_done(self, plugin: str, model: str, fingerprint: str = "") -> None:
+        """Written last: ``plugin`` finished ``model`` with settings whose hash is ``fingerprint``."""
+        atomic_write_bytes(self.dir(plugin, model) / "_DONE", fingerprint.encode())
 
     # ---- reads --------------------------------------------------------------------------------------------
-    def is_done(self, plugin: str, model: str) -> bool:
-        return (self.dir(plugin, model) / "_DONE").exists()
+    def is_done(self, plugin: str, model: str, fingerprint: str | None = None) -> bool:
+        """Whether ``plugin`` finished ``model`` (with the same settings, when ``fingerprint`` is given)."""
+        marker = self.dir(plugin, model) / "_DONE"
+        return marker.is_file() and (fingerprint is None or marker.read_text() == fingerprint)
 
     def load_json(self, plugin: str, model: str, name: str) -> Any:
         return json.loads((self.dir(plugin, model) / f"{name}.json").read_text())

@@ -1,0 +1,6 @@
+"""Built-in plugins. Importing this package registers each one under its ``name`` (see framework/plugin.py).
+
+A user's plugin is one module with a ``Plugin`` subclass, imported here (or by the user before the run),
+plus ``conf/plugins/<name>.yaml``.
+"""
+from plugins import residual_norm  # noqa: F401

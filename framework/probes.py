@@ -1,0 +1,206 @@
+"""Probes: named sites to capture, merged over every plugin into one nnsight trace per batch.
+
+What it is for
+    A plugin says *what* it wants (``Probe("layers.3.mlp.output", reduce="mean")``); the registry decides
+    *how*: one ``model.trace`` per batch, sites read in forward order (nnsight raises ``OutOfOrderError``
+    otherwise), under ``torch.no_grad()`` unless a probe asks for a gradient, captures detached and moved
+    to the CPU (or kept on the device) and handed back per plugin.
+
+Sites (TransformerLens-style names; ``B`` batch, ``T`` positions, ``d`` d_model, ``H`` query heads)::
+
+    embed.output                # [B, T, d]     token embeddings (as the first layer reads them)
+    layers.{i}.ln1.output       # [B, T, d]     input norm of layer i's attention
+    layers.{i}.attn.output      # [B, T, d]     attention block output (after o_proj)
+    layers.{i}.attn.pattern     # [B, H, T, T]  attention probabilities (the model runs eager attention)
+    layers.{i}.mlp.output       # [B, T, d]     MLP block output
+    layers.{i}.resid_post       # [B, T, d]     residual stream after layer i
+    final_norm.output           # [B, T, d]
+    logits                      # [B, T, vocab]
+
+Reductions (``reduce=``), applied inside the trace so only the small result is kept::
+
+    none   full tensor
+    norm   L2 norm over the last dim           [B, T] (or [B, H, T] for patterns)
+    mean   mean over real (non-pad) positions  [B, d]
+    last   the last position                   [B, d]   (left padding puts every prompt's end there)
+
+Gradient probes (``grad=True``) capture d(objective)/d(site), where the objective is the sum of the
+teacher-forced log-probabilities of each row's real next tokens. Gotchas handled here: gradients are read
+in reverse forward order inside ``with objective.backward():``; a frozen model needs the embeddings to
+require grad; read-only traces run under ``no_grad`` (autograd is on in ``model.trace`` by default).
+"""
+from __future__ import annotations
+
+import re
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Literal
+
+import nnsight
+import torch
+
+from framework.adapters import ModelAdapter
+
+Reduce = Literal["none", "norm", "mean", "last"]
+_SITE = re.compile(r"^(embed\.output|final_norm\.output|logits|layers\.(\d+)\.(ln1\.output|attn\.output|"
+                   r"attn\.pattern|mlp\.output|resid_post))$")
+_LAYER_ORDER = {"ln1.output": 0, "attn.output": 1, "attn.pattern": 1, "mlp.output": 2, "resid_post": 3}
+
+
+class ProbeError(ValueError):
+    """A probe names a site that does not exist; the message lists the valid ones."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One capture request. ``device="keep"`` leaves the tensor on the model's device."""
+
+    site: str
+    reduce: Reduce = "none"
+    grad: bool = False
+    device: Literal["cpu", "keep"] = "cpu"
+
+    @property
+    def key(self) -> str:
+        """Name under which the capture is handed back: the site, plus the reduction and ``grad`` if any."""
+        return self.site + ("" if self.reduce == "none" else f":{self.reduce}") + (":grad" if self.grad else "")
+
+
+def site_order(site: str, n_layers: int) -> tuple[int, int]:
+    """Forward-execution rank of ``site``; raises :class:`ProbeError` for an unknown or out-of-range site."""
+    match = _SITE.match(site)
+    if match is None:
+        raise ProbeError(f"unknown probe site {site!r}; valid sites: embed.output, layers.{{i}}.ln1.output, "
+                         "layers.{i}.attn.output, layers.{i}.attn.pattern, layers.{i}.mlp.output, "
+                         "layers.{i}.resid_post, final_norm.output, logits")
+    if site == "embed.output":
+        return (-1, 0)
+    if site == "final_norm.output":
+        return (n_layers, 0)
+    if site == "logits":
+        return (n_layers + 1, 0)
+    layer = int(match.group(2))
+    if layer >= n_layers:
+        raise ProbeError(f"probe site {site!r}: the model has {n_layers} layers (0..{n_layers - 1})")
+    return (layer, _LAYER_ORDER[match.group(3)])
+
+
+def all_sites(n_layers: int) -> list[str]:
+    """Every site of a model with ``n_layers`` layers, in forward order."""
+    per_layer = ["ln1.output", "attn.output", "attn.pattern", "mlp.output", "resid_post"]
+    return (["embed.output"] + [f"layers.{i}.{s}" for i in range(n_layers) for s in per_layer]
+            + ["final_norm.output", "logits"])
+
+
+def _envoy(root, path: str):
+    """Walk an nnsight envoy along a dotted module path (digits index module lists)."""
+    for part in path.split("."):
+        root = root[int(part)] if part.isdigit() else getattr(root, part)
+    return root
+
+
+def _site_value(lm, adapter: ModelAdapter, site: str):
+    """The traced value of ``site`` inside an active trace of ``lm``."""
+    spec = adapter.spec
+    if site == "embed.output":
+        return _envoy(lm, spec.embed).output
+    if site == "final_norm.output":
+        return _envoy(lm, spec.final_norm).output
+    if site == "logits":
+        return lm.output.logits
+    _, layer, rest = site.split(".", 2)
+    i = int(layer)
+    if rest == "ln1.output":
+        return _envoy(lm, adapter.layer_path(i, "ln1")).output
+    if rest in ("attn.output", "attn.pattern"):
+        out = _envoy(lm, adapter.layer_path(i, "attn")).output
+        if rest == "attn.pattern":
+            return out[1]
+        return out if spec.attn_output_index is None else out[spec.attn_output_index]
+    if rest == "mlp.output":
+        return _envoy(lm, adapter.layer_path(i, "mlp")).output
+    out = _envoy(lm, adapter.layer_path(i)).output  # resid_post
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _reduce(value, how: Reduce, mask: torch.Tensor):
+    if how == "none":
+        return value
+    if how == "norm":
+        return value.norm(dim=-1)
+    if how == "last":
+        return value[:, -1]
+    weights = mask.to(value.dtype)[..., None]  # mean over real positions
+    return (value * weights).sum(1) / weights.sum(1)
+
+
+class Captures(dict):
+    """Captured tensors of one batch for one plugin, keyed by :attr:`Probe.key`."""
+
+
+class ProbeRegistry:
+    """Merges the probes of several plugins and runs them as one trace per batch."""
+
+    def __init__(self, adapter: ModelAdapter, requests: dict[str, list[Probe]]):
+        self.adapter = adapter
+        self.requests = {owner: list(probes) for owner, probes in requests.items() if probes}
+        unique = {p for probes in self.requests.values() for p in probes}
+        for p in unique:
+            site_order(p.site, adapter.n_layers)  # validate now, not mid-trace
+        order = lambda p: site_order(p.site, adapter.n_layers)  # noqa: E731
+        self.forward = sorted((p for p in unique if not p.grad), key=order)
+        self.backward = sorted((p for p in unique if p.grad), key=order, reverse=True)
+
+    @property
+    def empty(self) -> bool:
+        return not self.requests
+
+    @property
+    def needs_grad(self) -> bool:
+        return bool(self.backward)
+
+    @property
+    def needs_attention_pattern(self) -> bool:
+        return any(p.site.endswith("attn.pattern") for p in self.forward + self.backward)
+
+    def run(self, lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            position_ids: torch.Tensor) -> dict[str, Captures]:
+        """One trace over a (left-padded) batch; returns ``{owner: Captures}`` with detached tensors."""
+        if self.empty:
+            return {}
+        device = self.adapter.model.device
+        inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+        mask = inputs["attention_mask"]
+        grad_ctx = nullcontext() if self.needs_grad else torch.no_grad()
+        grad_sites = {p.site for p in self.backward}
+        sites = {p.site for p in self.forward} | grad_sites | ({"embed.output"} if grad_sites else set())
+        if grad_sites:
+            sites.add("logits")
+        by_site: dict[str, list[Probe]] = {}
+        for probe in self.forward:
+            by_site.setdefault(probe.site, []).append(probe)
+        with grad_ctx, lm.trace(inputs, position_ids=position_ids.to(device)):
+            raw = nnsight.save({})
+            values = {}
+            for site in sorted(sites, key=lambda s: site_order(s, self.adapter.n_layers)):  # forward order
+                value = _site_value(lm, self.adapter, site)
+                if site == "embed.output" and grad_sites:
+                    value.requires_grad_(True)  # frozen weights: give autograd a leaf to flow to
+                for probe in by_site.get(site, []):
+                    raw[probe.key] = _reduce(value, probe.reduce, mask).save()
+                if site in grad_sites or site == "logits":
+                    values[site] = value
+            if grad_sites:
+                targets = inputs["input_ids"][:, 1:, None]
+                logprobs = values["logits"][:, :-1].log_softmax(-1).gather(-1, targets).squeeze(-1)
+                objective = (logprobs * mask[:, 1:]).sum()
+                with objective.backward():
+                    for probe in self.backward:  # reverse forward order
+                        raw[probe.key] = _reduce(values[probe.site].grad, probe.reduce, mask).save()
+        return {owner: Captures({p.key: _detach(raw[p.key], p.device) for p in probes})
+                for owner, probes in self.requests.items()}
+
+
+def _detach(value: torch.Tensor, device: str) -> torch.Tensor:
+    value = value.detach()
+    return value.cpu() if device == "cpu" else value
