@@ -153,7 +153,7 @@ class ModelAdapter:
         self.config = model.config
         self.spec = spec_for(self.config.model_type)
         cfg = self.config
-        self.n_layers: int = len(get_submodule(model, self.spec.layers))
+        self.n_layers: int = len(self.module(self.spec.layers))
         self.d_model: int = cfg.hidden_size if hasattr(cfg, "hidden_size") else cfg.n_embd
         self.n_heads: int = cfg.num_attention_heads
         self.n_kv_heads: int = getattr(cfg, "num_key_value_heads", None) or self.n_heads
@@ -170,7 +170,11 @@ class ModelAdapter:
         return base if part is None else f"{base}.{getattr(self.spec, part)}"
 
     def module(self, path: str) -> nn.Module:
-        return get_submodule(self.model, path)
+        try:
+            return get_submodule(self.model, path)
+        except UnsupportedArchitectureError as err:  # name the mapping at fault (a user's register_arch entry)
+            raise UnsupportedArchitectureError(f"{err} (ArchSpec family {self.spec.family!r}, model_type "
+                                               f"{self.config.model_type!r})") from err
 
     def _validate(self) -> None:
         """Resolve every mapped module now, so a wrong mapping fails at load time with the family's name."""
