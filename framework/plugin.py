@@ -145,7 +145,8 @@ def build_options(cls: type[Plugin], raw: Any) -> Any:
         merged = OmegaConf.merge(schema, raw if raw is not None else {})
     except OmegaConfBaseException as err:
         fields = ", ".join(f.name for f in dataclasses.fields(cls.Options)) or "(none)"
-        raise PluginError(f"bad options for plugin {cls.name!r}: {err.msg if hasattr(err, 'msg') else err}. "
+        reason = str(err).splitlines()[0]
+        raise PluginError(f"bad options for plugin {cls.name!r}: {reason}. "
                           f"Valid options: {fields}") from err
     return OmegaConf.to_object(merged)
 
@@ -154,14 +155,12 @@ def build_plugins(config: dict[str, Any]) -> list[Plugin]:
     """Instantiate plugins in config order from ``{name: options}``; ``None`` or ``false`` disables one."""
     plugins = []
     for name, raw in config.items():
-        if raw is False or (raw is not None and OmegaConf.is_config(raw) and raw.get("enabled", True) is False):
+        raw = OmegaConf.to_container(raw, resolve=True) if OmegaConf.is_config(raw) else raw
+        if raw is False or (isinstance(raw, dict) and raw.get("enabled", True) is False):
             continue
         cls = plugin_class(name)
-        if OmegaConf.is_config(raw):
-            raw = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "enabled"])
-        elif isinstance(raw, dict):
-            raw = {k: v for k, v in raw.items() if k != "enabled"}
-        plugins.append(cls(build_options(cls, raw)))
+        options = {k: v for k, v in raw.items() if k != "enabled"} if isinstance(raw, dict) else raw
+        plugins.append(cls(build_options(cls, options)))
     return plugins
 
 
