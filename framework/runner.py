@@ -266,6 +266,9 @@ class Runner:
             with self.timer.span(plugin, "on_compare"):
                 plugin.on_compare(ctx, base, tuned)
             self.store.mark_done(plugin.name, key, fingerprint)
+            headline = self.store.dir(plugin.name, key) / "summary.json"
+            if headline.is_file():  # a plugin's comparison summary is the run's headline for that plugin
+                self.store.update_summary(plugin.name, {f"{base}__{tuned}": json.loads(headline.read_text())})
 
 
 def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
