@@ -70,6 +70,7 @@ class Analysis:
     views: tuple[tuple[str, str], ...] = ()  # (pattern, caption) for HTML views
     headline: tuple[str, ...] = ()  # patterns over flattened summary.json keys shown in overviews and sweeps
     hidden_tables: tuple[str, ...] = ()  # big tables shown only as a download / row count
+    headline_limit: int = 8  # numbers per comparison in overviews and the sweep table
 
 
 ANALYSES: dict[str, Analysis] = {
@@ -96,20 +97,23 @@ ANALYSES: dict[str, Analysis] = {
     "head_relations": Analysis(
         title="Self-attention heads: word-pair relations",
         blurb=("Each head dimension's top query and key words over a word list; word pairs that co-occur and "
-               "raise the attention logit form the head's knowledge (methods.md B). Per group of layers, the "
-               "share of heads whose count of pairs with an instruction verb grows with tuning, instruction "
-               "verbs vs general verbs (Welch two-sided), and the pairs tuning adds."),
-        figures=(("*verb*", "Instruction verbs vs general verbs per layer group"),
-                 ("*ratio*", "Share of heads where tuning adds pairs"),
-                 ("*overlap*", "Overlap of word pairs, base vs tuned, by depth"),
+               "raise the attention logit form the head's knowledge (methods.md B). Per group of layers, r_v is "
+               "the share of heads, among those whose count of pairs with verb v changed, where tuning raised "
+               "it: instruction verbs vs general verbs (Welch two-sided). Below: the instruction-verb table, "
+               "the word pairs tuning added to heads, and the overlap of pairs by depth."),
+        figures=(("verb_shares*", "Instruction vs general verbs: share of heads where tuning adds pairs, per "
+                  "layer group"),
+                 ("overlap*", "Word pairs shared by base and tuned heads, per layer"), ("*verb*", "Verbs"),
                  ("*added*", "Head pairs added by tuning"), ("*pair*", "Word pairs")),
-        tables=(("*verb*test*", "Instruction vs general verbs (Welch two-sided)"), ("*verb*", "Instruction verbs"),
-                ("*test*", "Tests"), ("*added*", "Word pairs added by tuning"), ("*overlap*", "Pair overlap by layer"),
-                ("*ratio*", "Per-verb ratios")),
-        views=(("*added*", "Head pairs added by tuning"), ("*head*", "Heads"), ("*view*", "View")),
-        headline=("*instruction*mean*", "*general*mean*", "*p_value*", "*pvalue*", "*.p", "*_p", "*overlap*",
-                  "*added*", "*mean_*"),
-        hidden_tables=("*pairs_all*", "*dims*", "*energy*")),
+        tables=(("verb_stats*", "Instruction vs general verbs per layer group (Welch two-sided)"),
+                ("overlap*", "Pair overlap per layer (pooled and per-head Jaccard, retained share)"),
+                ("verb_shares*", "r_v per verb and layer group"), ("knowledge*", "Head knowledge (pairs)"),
+                ("dims*", "Mined dimensions")),
+        views=(("view*", "Top pairs per layer and head, base beside tuned (pairs added by tuning highlighted)"),),
+        headline=("verb_stats[*/instruction].mean", "verb_stats[*/general].mean", "verb_stats[*/instruction].p_welch",
+                  "jaccard_pooled_by_layer.mean", "n_pairs*", "*pairs_total*", "*mean*"),
+        headline_limit=14,
+        hidden_tables=("dims*", "knowledge*", "verb_shares*")),
     "ffn_concepts": Analysis(
         title="Feed-forward layers: principal directions and concepts",
         blurb=("Principal directions of each layer's FFN value vectors, their top words and annotated concepts "
@@ -209,16 +213,28 @@ def flatten(data: Any, prefix: str = "", depth: int = 4) -> dict[str, Any]:
     return out
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def numeric_items(data: Any) -> dict[str, float]:
-    """The numeric scalars of a (nested) summary, flattened."""
-    return {k: float(v) for k, v in flatten(data).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
+    """The numeric scalars of a (nested) summary, flattened; a list of numbers adds its mean as ``key.mean``."""
+    out: dict[str, float] = {}
+    for key, value in flatten(data).items():
+        if _number(value):
+            out[key] = float(value)
+        elif isinstance(value, list) and value and all(_number(v) or v is None for v in value):
+            finite = [float(v) for v in value if v is not None and not math.isnan(float(v))]
+            if finite:
+                out[f"{key}.mean"] = sum(finite) / len(finite)
+    return out
 
 
-def headline_metrics(plugin: str, summary: Any, limit: int = 8) -> dict[str, float]:
+def headline_metrics(plugin: str, summary: Any, limit: int | None = None) -> dict[str, float]:
     """The headline numbers of a comparison summary: the analysis' patterns in order, else the first scalars."""
     values = numeric_items(summary)
     spec = ANALYSES.get(plugin)
+    limit = limit or (spec.headline_limit if spec else 8)
     chosen: dict[str, float] = {}
     for pattern in spec.headline if spec else ():
         for key, value in values.items():
@@ -292,6 +308,8 @@ def _records_table(records: Sequence[dict], max_rows: int = MAX_TABLE_ROWS) -> s
 
 
 def render_json(path: Path, page: _Page, caption: str | None = None) -> str:
+    """A JSON summary as key/value rows; lists of records as tables (unless a parquet table of the same
+    name sits beside it, which is shown anyway)."""
     data = _read_json(path)
     title = f'<p class="file">{_e(caption or path.name)}</p>'
     if data is None:
@@ -317,6 +335,9 @@ def render_json(path: Path, page: _Page, caption: str | None = None) -> str:
         flat.update(flatten(value, key, depth=3))
     parts.append(_kv_table(flat))
     for key, value in nested.items():  # lists of records (e.g. tests) as real tables
+        if (path.parent / f"{key}.parquet").is_file():
+            parts.append(f'<p class="muted">{_e(key)}: see the {_e(key)}.parquet table below.</p>')
+            continue
         if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
             parts.append(f'<p class="sub">{_e(key)}</p>' + _records_table(value))
         elif isinstance(value, dict):
@@ -344,7 +365,7 @@ def render_parquet(path: Path, page: _Page, caption: str | None = None, preview:
         return title + f')</span></p><p class="warn">not readable: {_e(err)}</p>'
     title += f", {len(table):,} rows x {len(table.columns)} columns)</span>"
     download = ""
-    if len(table) <= 100_000:
+    if preview and len(table) <= 100_000:  # hidden (big) tables stay in their parquet files
         try:
             csv = table.map(lambda v: " ".join(map(str, v)) if hasattr(v, "__len__") and not isinstance(v, str)
                             else v).to_csv(index=False).encode()
@@ -383,13 +404,25 @@ def render_png(path: Path, page: _Page, caption: str | None = None, context: str
             f'<figcaption>{_e(label)} <span class="muted">{_e(path.name)}</span></figcaption></figure>')
 
 
+_RELATIVE_SRC = re.compile(r"""\ssrc=["'](?!data:|https?:|blob:|about:|#)[^"']+["']""", re.I)
+
+
+def _with_base(path: Path, page: _Page, text: str) -> str:
+    """A view that loads files by relative path gets a ``<base>`` so they resolve next to it, not the report."""
+    if not _RELATIVE_SRC.search(text):
+        return text
+    base = f'<base href="{_e(page.link(path.parent))}/">'
+    match = re.search(r"<head[^>]*>", text, re.I)
+    return text[:match.end()] + base + text[match.end():] if match else base + text
+
+
 def render_views(paths: Sequence[Path], page: _Page, caption: str) -> str:
     """HTML views embedded as ``<iframe srcdoc>``; several views share one frame and a selector."""
     paths = sorted(paths, key=_natural_key)
     texts: list[tuple[Path, str]] = []
     linked: list[Path] = []
     for path in paths:
-        text = path.read_text(errors="replace")
+        text = _with_base(path, page, path.read_text(errors="replace"))
         (texts.append((path, text)) if page.budget.take(len(text.encode())) else linked.append(path))
     out = [f'<p class="file">{_e(caption)} <span class="muted">({len(paths)} view'
            f'{"s" if len(paths) != 1 else ""})</span></p>']
@@ -471,7 +504,8 @@ def _safe(fn: Callable[..., str], *args: Any) -> str:
         return fn(*args)
     except Exception as err:  # noqa: BLE001
         page = next((a for a in args if isinstance(a, _Page)), None)
-        message = f"{getattr(args[0], 'name', fn.__name__)}: {type(err).__name__}: {err}"
+        what = args[0].name if args and isinstance(args[0], Path) else fn.__name__.strip("_")
+        message = f"{what}: {type(err).__name__}: {err}"
         if page is not None:
             page.errors.append(message)
         log.warning("report: %s", message)
@@ -575,6 +609,7 @@ table.kv th{white-space:nowrap}.scroll{overflow-x:auto;max-width:100%}
 .side{min-width:0;border-left:3px solid var(--line);padding-left:12px}
 .figs{display:flex;flex-wrap:wrap;gap:12px}
 figure{margin:6px 0;max-width:100%}figure img{max-width:100%;border:1px solid #eef0f3;display:block}
+.figs figure{flex:0 1 auto;max-width:min(100%,760px)}.figs figure img{width:auto;max-height:460px}
 figcaption{font-size:12px;color:#374151}
 iframe.view{width:100%;height:520px;border:1px solid var(--line);border-radius:4px;resize:vertical;display:block;
  background:#fff}
@@ -719,6 +754,122 @@ def _responses(run: RunInfo, keys: Sequence[str], n: int = 6) -> str:
     return f'<div class="scroll"><table class="data resp">{head}{rows}</table></div>'
 
 
+# ---- dedicated views of the analyses' comparison tables ------------------------------------------------------------
+INSTRUCTION_VERBS = (  # methods.md B.6 (the head_relations plugin's default; its options may change the list)
+    "act", "analyze", "clarify", "classify", "compose", "correct", "create", "demonstrate", "describe", "design",
+    "detect", "develop", "edit", "estimate", "evaluate", "explain", "find", "follow", "format", "generate",
+    "give", "have", "help", "identify", "interpret", "make", "output", "predict", "recommend", "repeat",
+    "retrieve", "revise", "say", "solve", "summarize", "tell", "translate", "write")
+
+
+def _share_cell(share: float, n: Any = None) -> str:
+    """A share in [0, 1] shaded green above 1/2 (tuning adds) and red below (tuning removes)."""
+    if share is None or (isinstance(share, float) and math.isnan(share)):
+        return '<td class="num muted">–</td>'
+    alpha = min(1.0, abs(share - 0.5) * 2) * 0.55
+    color = f"rgba(22,163,74,{alpha:.2f})" if share >= 0.5 else f"rgba(220,38,38,{alpha:.2f})"
+    count = "" if n is None or (isinstance(n, float) and math.isnan(n)) else f' <span class="muted">({int(n)})</span>'
+    return f'<td class="num" style="background:{color}">{share:.2f}{count}</td>'
+
+
+def _extra_head_relations(run: RunInfo, base: str, tuned: str, page: _Page) -> str:
+    import pandas as pd
+
+    cmp = run.result_dir("head_relations", f"compare/{base}__{tuned}")
+    options = (run.config.get("plugins") or {}).get("head_relations") or {}
+    verbs = list(options.get("instruction_verbs") or INSTRUCTION_VERBS) if isinstance(options, dict) \
+        else list(INSTRUCTION_VERBS)
+    parts = []
+    if (cmp / "verb_shares.parquet").is_file():
+        shares = pd.read_parquet(cmp / "verb_shares.parquet")
+        mine = shares[shares["verb_set"] == "instruction"] if "verb_set" in shares else \
+            shares[shares["word"].isin(verbs)]
+        labels: dict[Any, str] = {}
+        if (cmp / "verb_stats.parquet").is_file():
+            stats = pd.read_parquet(cmp / "verb_stats.parquet")
+            if "layers" in stats:
+                labels = dict(zip(stats["group"], stats["layers"]))
+        groups = sorted(mine["group"].unique().tolist())
+        head = "<tr><th>instruction verb</th>" + "".join(
+            f"<th>layers {_e(labels.get(g, g))}</th>" for g in groups) + "<th>mean</th></tr>"
+        rows = []
+        for word, sub in sorted(mine.groupby("word"), key=lambda kv: -kv[1]["share"].mean()):
+            by_group = {int(r["group"]): r for _, r in sub.iterrows()}
+            cells = "".join(_share_cell(float(by_group[g]["share"]), by_group[g].get("n_heads")) if g in by_group
+                            else '<td class="num muted">–</td>' for g in groups)
+            rows.append(f"<tr><td>{_e(word)}</td>{cells}{_share_cell(float(sub['share'].mean()))}</tr>")
+        missing = sorted(set(verbs) - set(mine["word"]))
+        note = (f'<p class="muted">No head changed its count for: {_e(", ".join(missing))}.</p>' if missing else "")
+        parts.append('<p class="file">Instruction-verb table: r_v per layer group <span class="muted">(share of '
+                     "heads, among those whose count of pairs with the verb changed, where the tuned count is "
+                     "larger; in brackets the number of such heads; green: tuning adds)</span></p>"
+                     f'<div class="scroll"><table class="data">{head}{"".join(rows)}</table></div>{note}')
+    kb, kt = (run.result_dir("head_relations", k) / "knowledge.parquet" for k in (base, tuned))
+    if kb.is_file() and kt.is_file():
+        cols = ["layer", "head", "pair"]
+        b, t = pd.read_parquet(kb), pd.read_parquet(kt)
+        merged = t[[c for c in t.columns if c in cols + ["word_a", "word_b", "max_sim"]]].merge(
+            b[cols], on=cols, how="left", indicator=True)
+        added = merged[merged["_merge"] == "left_only"]
+        removed = len(b) - (len(merged) - len(added))
+        parts.append(f'<p class="file">Head pairs added by tuning <span class="muted">({len(added):,} (layer, head, '
+                     f"pair) entries added, {removed:,} removed; base {len(b):,}, tuned {len(t):,})</span></p>")
+        if len(added):
+            top = (added.groupby("pair").agg(heads=("head", "size"), layers=("layer", lambda x: sorted(set(x))))
+                   .sort_values("heads", ascending=False))
+            words = added["pair"].str.split("=")
+            with_verb = added[words.map(lambda ws: any(w in verbs for w in ws))]
+            top_verb = (with_verb.groupby("pair").agg(heads=("head", "size"),
+                                                      layers=("layer", lambda x: sorted(set(x))))
+                        .sort_values("heads", ascending=False))
+
+            def table(frame: Any, title: str) -> str:
+                rows = "".join(f"<tr><td>{_e(pair)}</td><td class=num>{int(r['heads'])}</td>"
+                               f"<td>{_e(_fmt(r['layers']))}</td></tr>" for pair, r in frame.head(15).iterrows())
+                return (f'<div><p class="sub">{_e(title)}</p><table class="data"><tr><th>pair</th><th>heads</th>'
+                        f"<th>layers</th></tr>{rows}</table></div>")
+
+            parts.append('<div class="sides">' + table(top, "most added pairs (by number of heads)")
+                         + table(top_verb, f"added pairs with an instruction verb ({len(with_verb):,} entries)")
+                         + "</div>")
+    return "".join(parts)
+
+
+def _extra_ffn_concepts(run: RunInfo, base: str, tuned: str, page: _Page) -> str:
+    import pandas as pd
+
+    path = run.result_dir("ffn_concepts", f"compare/{base}__{tuned}") / "ttests.parquet"
+    if not path.is_file():
+        return ""
+    tests = pd.read_parquet(path)
+    parts = []
+    for kind, title in (("task", "Task shares of explainable directions, all layers"),
+                        ("level", "Linguistic levels, all layers")):
+        sub = tests[(tests["kind"] == kind) & (tests["group"].astype(str) == "all")] if "group" in tests else \
+            tests[tests["kind"] == kind]
+        if sub.empty:
+            continue
+        rows = []
+        for _, r in sub.iterrows():
+            p = r.get("p", float("nan"))
+            delta = r["tuned_mean"] - r["base_mean"]
+            arrow = "▲" if delta > 0 else "▼" if delta < 0 else ""
+            strong = ' style="font-weight:700"' if isinstance(p, float) and p < 0.05 else ""
+            rows.append(f"<tr><td>{_e(r['category'])}</td><td class=num>{_fmt(r['base_mean'])} ± "
+                        f"{_fmt(r.get('base_std'))}</td><td class=num>{_fmt(r['tuned_mean'])} ± "
+                        f"{_fmt(r.get('tuned_std'))}</td><td class=num>{arrow} {_fmt(delta)}</td>"
+                        f"<td class=num{strong}>{_fmt(p)}</td></tr>")
+        parts.append(f'<div><p class="sub">{_e(title)} (mean ± std over annotation seeds; Student t, p &lt; 0.05 '
+                     f'bold)</p><table class="data"><tr><th>category</th><th>{_e(run.model_name(base))}</th>'
+                     f"<th>{_e(run.model_name(tuned))}</th><th>change</th><th>p</th></tr>{''.join(rows)}</table>"
+                     "</div>")
+    return f'<div class="sides">{"".join(parts)}</div>' if parts else ""
+
+
+EXTRAS: dict[str, Callable[[RunInfo, str, str, _Page], str]] = {
+    "head_relations": _extra_head_relations, "ffn_concepts": _extra_ffn_concepts}
+
+
 def _pair_section(run: RunInfo, base: str, tuned: str, page: _Page) -> str:
     pid = _pair_id(base, tuned)
     title = f"{run.model_name(base)} → {run.model_name(tuned)}"
@@ -734,6 +885,8 @@ def _pair_section(run: RunInfo, base: str, tuned: str, page: _Page) -> str:
         spec = ANALYSES.get(plugin, Analysis(title=plugin, blurb=""))
         bits = [f'<p class="blurb">{_e(spec.blurb)}</p>' if spec.blurb else ""]
         cmp = run.result_dir(plugin, f"compare/{base}__{tuned}")
+        if plugin in EXTRAS and cmp.is_dir():
+            bits.append(_safe(EXTRAS[plugin], run, base, tuned, page))
         if cmp.is_dir():
             bits.append(f"<h4>Comparison</h4>{render_results(cmp, plugin, page, f'{plugin} {base}__{tuned}')}")
         else:
@@ -920,7 +1073,7 @@ def sweep_rows(sweep_dir: str | Path) -> list[dict]:
                     break
                 summary = _read_json(run.result_dir(plugin, f"compare/{base}__{tuned}") / "summary.json")
                 if summary is not None:
-                    for key, value in headline_metrics(plugin, summary, limit=6).items():
+                    for key, value in headline_metrics(plugin, summary).items():
                         row["metrics"][(plugin, key)] = value
             rows.append(row)
     return rows

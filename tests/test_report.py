@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -92,10 +91,13 @@ def make_synthetic_run(run_dir: Path, pairs=(("base", "tuned"),)) -> Path:
         _png(store.dir("saliency", key) / "density_profile.png", f"density {key}")
         store.save_text("saliency", key, "examples.html", _view(f"examples {key}"))
         store.mark_done("saliency", key)
-        # head relations, per model
+        # head relations, per model (the plugin's file names)
         store.save_json("head_relations", key, "summary", {"n_heads": 8, "pairs_total": 120})
-        store.save_table("head_relations", key, "head_pairs", pd.DataFrame(
-            {"layer": [0, 1], "head": [0, 3], "pairs": [["write/poem", "sea/ocean"], ["code/python"]]}))
+        known = ["poem=write", "ocean=sea"] + (["essay=write", "code=python"] if key != "base" else [])
+        store.save_table("head_relations", key, "knowledge", pd.DataFrame(
+            {"layer": [0, 1] * (len(known) // 2), "head": [0, 3] * (len(known) // 2), "pair": known,
+             "word_a": [p.split("=")[0] for p in known], "word_b": [p.split("=")[1] for p in known]}))
+        store.save_text("head_relations", key, "view.html", _view(f"heads {key}"))
         store.mark_done("head_relations", key)
         # ffn concepts, per model: one view per layer
         store.save_json("ffn_concepts", key, "summary", {"model": models[key]["name"], "explainable_share": 0.6})
@@ -115,20 +117,29 @@ def make_synthetic_run(run_dir: Path, pairs=(("base", "tuned"),)) -> Path:
         _png(store.dir("saliency", cmp) / "density_profile.png", "density profile")
         store.save_text("saliency", cmp, "examples.html", _view("examples compared"))
         store.mark_done("saliency", cmp)
-        store.save_json("head_relations", cmp, "summary", {"instruction_verbs_mean": 0.62,
-                                                          "general_verbs_mean": 0.48, "p_value": 0.03})
-        store.save_table("head_relations", cmp, "verb_table", pd.DataFrame(
-            {"verb": ["write", "explain"], "group": ["0-7", "0-7"], "ratio": [0.7, 0.6]}))
-        store.save_table("head_relations", cmp, "added_pairs", pd.DataFrame(
-            {"layer": [3], "head": [5], "pair": ["write/essay"]}))
-        _png(store.dir("head_relations", cmp) / "verb_ratios.png", "verb ratios")
+        verb_stats = pd.DataFrame({"group": [0, 0], "layers": ["0-7", "0-7"], "verb_set": ["instruction", "general"],
+                                   "mean": [0.62, 0.48], "std": [0.1, 0.1], "count": [30, 900], "t": [2.2, 2.2],
+                                   "p_welch": [0.03, 0.03]})
+        store.save_json("head_relations", cmp, "summary", {"jaccard_pooled_by_layer": [0.2, 0.1],
+                                                          "verb_stats": verb_stats.to_dict(orient="records")})
+        store.save_table("head_relations", cmp, "verb_stats", verb_stats)
+        store.save_table("head_relations", cmp, "verb_shares", pd.DataFrame(
+            {"group": [0, 0, 0], "word": ["write", "explain", "walk"], "share": [0.8, 0.3, 0.5],
+             "n_heads": [5, 3, 2], "verb_set": ["instruction", "instruction", "general"]}))
+        store.save_table("head_relations", cmp, "overlap", pd.DataFrame({"layer": [0, 1], "jaccard": [0.2, 0.1]}))
+        _png(store.dir("head_relations", cmp) / "verb_shares.png", "verb shares")
+        _png(store.dir("head_relations", cmp) / "overlap.png", "overlap")
+        store.save_text("head_relations", cmp, "view.html", _view("heads compared"))
         store.mark_done("head_relations", cmp)
         store.save_json("ffn_concepts", cmp, "summary", {
             "rotation": {"mean_angle_deg": 41.0, "mean_best_abs_cos": 0.7},
             "ttests_all_layers": [{"kind": "task", "category": "writing", "base_mean": 0.2, "tuned_mean": 0.3,
                                    "p": 0.02}]})
         store.save_table("ffn_concepts", cmp, "ttests", pd.DataFrame(
-            {"kind": ["task"], "group": ["all"], "category": ["writing"], "p": [0.02]}))
+            {"kind": ["task", "task", "level"], "group": ["all", "all", "all"],
+             "category": ["writing", "coding", "syntax"], "base_mean": [0.2, 0.1, 0.3], "base_std": [0.01] * 3,
+             "tuned_mean": [0.3, 0.15, 0.3], "tuned_std": [0.02] * 3, "t": [3.0, 1.0, 0.0],
+             "p": [0.02, 0.3, 1.0]}))
         _png(store.dir("ffn_concepts", cmp) / "task_shares.png", "task shares")
         _png(store.dir("ffn_concepts", cmp) / "principal_angles.png", "principal angles")
         for layer in (0, 1, 10):
@@ -176,12 +187,17 @@ def test_synthetic_report_is_self_contained_and_complete(tmp_path):
     assert set(page.meta["tuneshift-sections"].split()) <= set(page.ids)
     # self-contained: images and downloads are data: URIs, links are in-page or relative, nothing remote
     assert not [u for u in page.urls if re.match(r"(https?:)?//", u)]
-    assert text.count("data:image/png;base64,") >= 7
+    assert text.count("data:image/png;base64,") >= 8
     assert 'srcdoc="' in text and "examples compared" in text
     # the analyses in the paper's order, with their captions and the analysis' key figure first
     assert text.index('id="pair-base__tuned-saliency"') < text.index('id="pair-base__tuned-head_relations"') \
         < text.index('id="pair-base__tuned-ffn_concepts"')
     assert "Score distributions, base vs tuned" in text and "Task shares of explainable directions" in text
+    # dedicated views: the instruction-verb table, the pairs tuning added, the task-share table
+    assert "Instruction-verb table" in text and "essay=write" in text and "code=python" in text
+    assert "Head pairs added by tuning" in text and "Task shares of explainable directions, all layers" in text
+    assert "verb_stats[0-7/instruction].mean" in text  # headline numbers of head relations
+    assert "could not be shown" not in text
     # views of many layers share one frame, in natural order (layer 10 last)
     assert text.index('value="view_layer1.html"') < text.index('value="view_layer10.html"')
     # side by side: both models of the pair in the per-model block
@@ -279,26 +295,50 @@ def test_synthetic_report_renders_in_chromium(tmp_path):
     assert int(re.search(r"loaded images=(\d+)", dom).group(1)) >= 7
 
 
-@needs_chromium
-def test_real_small_run_report_renders_in_chromium(tmp_path):
-    """A real run through the runner (tiny random pair, 4 prompts, the example plugin): its report loads."""
+def _small_run(tmp_path: Path, plugins: dict) -> Path:
     from framework.config import validate
     from framework.runner import run
 
-    start = time.perf_counter()
     cfg = validate({"model": {"name": "tiny_random", "models": {
         "base": {"name": "tiny-base", "path": "tiny-random:llama:0"},
         "tuned": {"name": "tiny-tuned", "path": "tiny-random:llama:1"}}, "pairs": [["base", "tuned"]]},
         "data": {"limit": 4}, "generation": {"max_new_tokens": 4},
-        "run": {"name": "small", "root": str(tmp_path), "progress": False},
-        "plugins": {"residual_norm": {}}})
+        "run": {"name": "small", "root": str(tmp_path), "progress": False}, "plugins": plugins})
     run(cfg)
     report = tmp_path / "small" / "report.html"
     assert report.is_file()
+    return report
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_real_small_run_report_renders_in_chromium(tmp_path):
+    """A real run through the runner (tiny random pair, 4 prompts, the example plugin): its report loads.
+    (Slow: ~15 s on 2 cores; the synthetic report above covers the same page in the default suite.)"""
+    report = _small_run(tmp_path, {"residual_norm": {}})
     dom, console = render_in_chromium(report, tmp_path, "report_small_run.png")
     _check_rendered(dom, console, ["overview", "pair-base__tuned", "pair-base__tuned-residual_norm", "status",
                                    "timing", "config"])
-    assert time.perf_counter() - start < 120
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_real_run_with_the_analyses_renders_in_chromium(tmp_path):
+    """The same with every one of the three analyses that is available: a section each, no broken piece."""
+    from framework.plugin import available_plugins
+
+    from framework.config import PROJECT_ROOT
+
+    names = [p for p in ("saliency", "head_relations", "ffn_concepts")
+             if p in available_plugins() and (PROJECT_ROOT / "conf" / "plugins" / f"{p}.yaml").is_file()]
+    if not names:
+        pytest.skip("none of the three analysis plugins is registered yet")
+    report = _small_run(tmp_path, {name: {} for name in names})
+    text = report.read_text()
+    assert "could not be shown" not in text
+    dom, console = render_in_chromium(report, tmp_path, "report_analyses.png")
+    _check_rendered(dom, console, ["overview", "pair-base__tuned", "status", "timing", "config"]
+                    + [f"pair-base__tuned-{name}" for name in names])
 
 
 @needs_chromium
