@@ -39,6 +39,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import sys
@@ -975,6 +976,14 @@ def build_report_html(run_dir: str | Path, root: Path | None = None,
     return _page_html(f"tuneshift report: {run.name}", subtitle, page, "".join(body)), page
 
 
+def _publish(path: Path, data: bytes) -> None:
+    """Write atomically, readable like any file the user creates (the store's temp files are private, 0600)."""
+    atomic_write_bytes(path, data)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_report(run_dir: str | Path, logger: Any = None, export: bool = False) -> Path:
     """Write ``report.html`` into ``run_dir`` from what the plugins stored there; returns its path.
 
@@ -984,7 +993,7 @@ def write_report(run_dir: str | Path, logger: Any = None, export: bool = False) 
     run_dir = Path(run_dir)
     text, page = build_report_html(run_dir)
     out = run_dir / "report.html"
-    atomic_write_bytes(out, text.encode())
+    _publish(out, text.encode())
     if export:
         export_figures(run_dir, page=page)
     if logger is not None:
@@ -1189,8 +1198,7 @@ def write_sweep_report(sweep_dir: str | Path, refresh_runs: bool = True, logger:
     body.append(page.section("sweep-jobs", "Jobs", f"<ul>{jobs}</ul>{extra}"))
     subtitle = _e(f"{len(runs)} job(s), {len(rows)} pair(s)") + f" · <span>{_e(sweep_dir)}</span>"
     out = sweep_dir / "sweep_report.html"
-    atomic_write_bytes(out, _page_html(f"tuneshift sweep: {sweep_dir.name}", subtitle, page,
-                                       "".join(body)).encode())
+    _publish(out, _page_html(f"tuneshift sweep: {sweep_dir.name}", subtitle, page, "".join(body)).encode())
     if logger is not None:
         log_report(sweep_dir, logger, out)
     return out
