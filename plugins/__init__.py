@@ -4,3 +4,4 @@ A user's plugin is one module with a ``Plugin`` subclass, imported here (or by t
 plus ``conf/plugins/<name>.yaml``.
 """
 from plugins import residual_norm  # noqa: F401
+from plugins import ffn_concepts  # noqa: F401

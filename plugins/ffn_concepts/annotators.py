@@ -1,0 +1,489 @@
+"""Concept annotators for word sets (method C, step 3), found by string id, with an on-disk cache.
+
+An annotator turns the top words of one direction and a seed into an :class:`Annotation` (concept or
+"cannot tell", assistant tasks, linguistic level). Built-in ids (:func:`available_annotators`):
+
+- ``offline`` (default): deterministic rules over shipped word lists and a WordNet digest
+  (:mod:`plugins.ffn_concepts.offline`). Its seeds are honest resamples: seed s labels a deterministic
+  random subset (``subsample`` of the words, default 80%, drawn by a generator seeded with s and the word
+  set), so seeds can disagree where a concept holds for only about half of the words.
+- ``llm_judge``: a local chat model through transformers with the few-shot prompts of
+  :mod:`plugins.ffn_concepts.prompts`; step 1 sampled at ``temperature`` (1.0), steps 2-3 greedy.
+- ``endpoint``: an OpenAI-compatible ``/chat/completions`` server (URL, key, model in the options), with a
+  timeout per call and a bounded number of retries with exponential backoff.
+
+A new annotator subclasses :class:`Annotator` with an ``id``, an ``Options`` dataclass and ``annotate``.
+
+Caching (:class:`AnnotationCache`): one SQLite file (``annotations.sqlite``) in the cache directory, keyed by
+the SHA-256 of (annotator id, its identity: prompt version, model, sampling options; the words; the seed).
+Only successful annotations are cached, so a failed call is retried by the next run; a failure is recorded
+in its result row (``status="failed"`` + ``error``) and never stops the run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import socket
+import sqlite3
+import time
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Sequence
+
+import numpy as np
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from plugins.ffn_concepts import prompts
+from plugins.ffn_concepts.offline import label_words, load_lexicon
+from plugins.ffn_concepts.prompts import CANNOT_TELL, ParseError
+
+OK, FAILED = "ok", "failed"
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """One direction's labels under one seed. ``tasks`` is empty and ``level`` "" when not explainable."""
+
+    concept: str = ""
+    tasks: tuple[str, ...] = ()
+    level: str = ""
+    status: str = OK
+    error: str = ""
+    raw: str = ""  # the replies (or the offline rule) that gave the labels, for audit
+
+    @property
+    def explainable(self) -> bool:
+        return self.status == OK and self.concept != CANNOT_TELL
+
+    @staticmethod
+    def failed(error: str, raw: str = "") -> "Annotation":
+        return Annotation(status=FAILED, error=error[:500], raw=raw[:2000])
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @staticmethod
+    def from_json(text: str) -> "Annotation":
+        data = json.loads(text)
+        data["tasks"] = tuple(data["tasks"])
+        return Annotation(**data)
+
+
+class AnnotatorError(ValueError):
+    """An annotator id or its options are wrong; the message says which and lists the valid ones."""
+
+
+Item = tuple[tuple[str, ...], int]  # (words, seed)
+
+
+@dataclass
+class NoOptions:
+    """Options of an annotator that has none."""
+
+
+class Annotator:
+    """Base class: labels word sets. Subclasses set ``id`` and ``Options`` and implement :meth:`annotate`."""
+
+    id: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    cacheable: ClassVar[bool] = True  # cheap deterministic annotators may skip the cache
+    _registry: ClassVar[dict[str, type["Annotator"]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.id:
+            Annotator._registry[cls.id] = cls
+
+    def __init__(self, options: Any = None):
+        self.options = options if options is not None else self.Options()
+        self.calls = 0  # annotate() calls made (the cache test counts them)
+
+    def identity(self) -> dict:
+        """Everything besides the words and the seed that determines the labels (part of the cache key)."""
+        return dataclasses.asdict(self.options)
+
+    def annotate(self, words: tuple[str, ...], seed: int) -> Annotation:
+        """Label one word set; errors may be raised (the caller records them) or returned as failed."""
+        raise NotImplementedError
+
+    def annotate_many(self, items: Sequence[Item]) -> list[Annotation]:
+        """Label several word sets; one failing item never stops the others."""
+        out = []
+        for words, seed in items:
+            self.calls += 1
+            try:
+                out.append(self.annotate(words, seed))
+            except Exception as err:  # noqa: BLE001 -- recorded in the row, by design
+                out.append(Annotation.failed(f"{type(err).__name__}: {err}"))
+        return out
+
+    def close(self) -> None:
+        """Free what the annotator holds (a loaded model)."""
+
+
+def available_annotators() -> list[str]:
+    return sorted(Annotator._registry)
+
+
+def build_annotator(annotator_id: str, options: dict | None = None) -> Annotator:
+    """Instantiate annotator ``annotator_id`` with ``options`` validated against its ``Options`` dataclass."""
+    if annotator_id not in Annotator._registry:
+        raise AnnotatorError(f"unknown annotator {annotator_id!r}; available: {', '.join(available_annotators())}")
+    cls = Annotator._registry[annotator_id]
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cls.Options), options or {})
+    except OmegaConfBaseException as err:
+        valid = ", ".join(f.name for f in dataclasses.fields(cls.Options))
+        raise AnnotatorError(f"bad options for annotator {annotator_id!r}: {err}. Valid options: {valid}") from err
+    return cls(OmegaConf.to_object(merged))
+
+
+# ---- cache ----------------------------------------------------------------------------------------------------
+def cache_key(annotator: Annotator, words: Sequence[str], seed: int) -> str:
+    payload = json.dumps({"annotator": annotator.id, "identity": annotator.identity(), "words": list(words),
+                          "seed": seed}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+class AnnotationCache:
+    """Successful annotations in ``<directory>/annotations.sqlite`` (key -> Annotation JSON)."""
+
+    def __init__(self, directory: str | Path):
+        self.path = Path(directory).expanduser() / "annotations.sqlite"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as con:
+            con.execute("CREATE TABLE IF NOT EXISTS annotations (key TEXT PRIMARY KEY, annotator TEXT, "
+                        "value TEXT, created REAL)")
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=60)
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, Annotation]:
+        found: dict[str, Annotation] = {}
+        with self._connect() as con:
+            for start in range(0, len(keys), 500):
+                chunk = list(keys[start:start + 500])
+                rows = con.execute(f"SELECT key, value FROM annotations WHERE key IN ({','.join('?' * len(chunk))})",
+                                   chunk).fetchall()
+                found.update({k: Annotation.from_json(v) for k, v in rows})
+        return found
+
+    def put_many(self, annotator_id: str, entries: dict[str, Annotation]) -> None:
+        now = time.time()
+        with self._connect() as con:
+            con.executemany("INSERT OR REPLACE INTO annotations VALUES (?, ?, ?, ?)",
+                            [(k, annotator_id, a.to_json(), now) for k, a in entries.items() if a.status == OK])
+
+
+@dataclass
+class AnnotationStats:
+    cached: int = 0
+    annotated: int = 0
+    failed: int = 0
+
+
+def annotate_word_sets(annotator: Annotator, word_sets: Sequence[tuple[str, ...]], seeds: Sequence[int],
+                       cache: AnnotationCache | None,
+                       progress: Callable[[int, int], None] | None = None,
+                       chunk: int = 256) -> tuple[list[list[Annotation]], AnnotationStats]:
+    """Annotate every word set under every seed; ``[n_sets][n_seeds]`` annotations and counts.
+
+    Cached entries are read first; the rest go to ``annotator.annotate_many`` in chunks, and each chunk's
+    successes are written to the cache at once (an interrupted run keeps what it paid for).
+    """
+    items: list[Item] = [(tuple(words), seed) for words in word_sets for seed in seeds]
+    use_cache = cache is not None and annotator.cacheable
+    keys = [cache_key(annotator, w, s) for w, s in items] if use_cache else []
+    results: dict[int, Annotation] = {}
+    stats = AnnotationStats()
+    if use_cache:
+        hits = cache.get_many(keys)  # type: ignore[union-attr]
+        results = {i: hits[k] for i, k in enumerate(keys) if k in hits}
+        stats.cached = len(results)
+    todo = [i for i in range(len(items)) if i not in results]
+    for start in range(0, len(todo), chunk):
+        part = todo[start:start + chunk]
+        try:
+            labels = annotator.annotate_many([items[i] for i in part])
+        except Exception as err:  # noqa: BLE001 -- a broken annotator fails its rows, not the run
+            labels = [Annotation.failed(f"{type(err).__name__}: {err}")] * len(part)
+        results.update(zip(part, labels))
+        if use_cache:
+            cache.put_many(annotator.id, {keys[i]: a for i, a in zip(part, labels)})  # type: ignore[union-attr]
+        if progress is not None:
+            progress(start + len(part), len(todo))
+    stats.annotated = len(todo)
+    stats.failed = sum(a.status == FAILED for a in results.values())
+    n_seeds = len(seeds)
+    ordered = [results[i] for i in range(len(items))]
+    return [ordered[j * n_seeds:(j + 1) * n_seeds] for j in range(len(word_sets))], stats
+
+
+# ---- three-step protocol shared by the chat annotators ----------------------------------------------------------
+def three_steps(words: Sequence[str], ask: Callable[[list[dict[str, str]], bool], str]) -> Annotation:
+    """Run the paper's three steps through ``ask(messages, sample)``.
+
+    A reply that does not parse, or a call that raises (HTTP error after the retries, timeout), gives a
+    failed row naming the step; nothing is raised."""
+    replies: list[str] = []
+    step = 1
+    try:
+        replies.append(ask(prompts.concept_messages(words), True))
+        concept = prompts.parse_concept(replies[-1])
+        if concept == CANNOT_TELL:
+            return Annotation(concept, (), "", OK, "", replies[-1])
+        step = 2
+        replies.append(ask(prompts.tasks_messages(words, concept), False))
+        tasks = prompts.parse_tasks(replies[-1])
+        step = 3
+        replies.append(ask(prompts.level_messages(words, concept), False))
+        level = prompts.parse_level(replies[-1])
+    except ParseError as err:
+        return Annotation.failed(f"step {step}: {err}", "\n---\n".join(replies))
+    except Exception as err:  # noqa: BLE001 -- a failed call is recorded, not fatal
+        return Annotation.failed(f"step {step}: {type(err).__name__}: {err}", "\n---\n".join(replies))
+    return Annotation(concept, tasks, level, OK, "", "\n---\n".join(replies))
+
+
+# ---- offline -------------------------------------------------------------------------------------------------
+@dataclass
+class OfflineOptions:
+    subsample: float = 0.8  # share of the words each seed sees (1.0: every seed sees all, seeds agree)
+    min_share: float = 0.5  # a concept must fit at least this share of the words, else "cannot tell"
+    task_share: float = 0.2  # a task is served when its word list holds at least this share
+    lexicon: str = ""  # path replacing the shipped WordNet digest (word<TAB>lexnames<TAB>hypernyms)
+
+
+class OfflineAnnotator(Annotator):
+    """Deterministic rules over shipped word lists (see :mod:`plugins.ffn_concepts.offline`)."""
+
+    id = "offline"
+    Options = OfflineOptions
+    cacheable = False  # recomputing is as cheap as a cache lookup
+
+    def __init__(self, options: OfflineOptions | None = None):
+        super().__init__(options)
+        if not 0 < self.options.subsample <= 1:
+            raise AnnotatorError(f"offline annotator: subsample must be in (0, 1], got {self.options.subsample}")
+        self.lexicon = load_lexicon(self.options.lexicon)
+
+    def subsample(self, words: tuple[str, ...], seed: int) -> tuple[str, ...]:
+        """The seed's deterministic subset of ``words`` (original order kept)."""
+        n_keep = max(1, round(self.options.subsample * len(words)))
+        if n_keep >= len(words):
+            return words
+        rng = np.random.default_rng([seed, zlib.crc32("\x1f".join(words).encode())])
+        keep = np.sort(rng.choice(len(words), size=n_keep, replace=False))
+        return tuple(words[i] for i in keep)
+
+    def annotate(self, words: tuple[str, ...], seed: int) -> Annotation:
+        label = label_words(self.subsample(words, seed), self.lexicon, self.options.min_share,
+                            self.options.task_share)
+        return Annotation(label.concept, label.tasks, label.level, OK, "", f"rule={label.rule}")
+
+
+# ---- OpenAI-compatible endpoint --------------------------------------------------------------------------------
+@dataclass
+class EndpointOptions:
+    url: str = ""  # base URL (".../v1") or the full ".../chat/completions" URL
+    model: str = ""
+    api_key: str = ""  # prefer api_key_env: a key in a config file ends up in the run's config.yaml
+    api_key_env: str = "OPENAI_API_KEY"  # environment variable read when api_key is empty
+    temperature: float = 1.0  # step 1; steps 2-3 use 0
+    max_tokens: int = 48
+    timeout_s: float = 60.0  # per HTTP call
+    max_retries: int = 3  # retries after the first attempt, on timeouts, connection errors, 429 and 5xx
+    backoff_s: float = 1.0  # wait before retry k: backoff_s * 2**k, capped at max_backoff_s
+    max_backoff_s: float = 30.0
+
+
+RETRY_STATUS = (408, 409, 425, 429, 500, 502, 503, 504)
+
+
+class EndpointAnnotator(Annotator):
+    """A chat model behind an OpenAI-compatible HTTP API (``POST <url>/chat/completions``)."""
+
+    id = "endpoint"
+    Options = EndpointOptions
+
+    def __init__(self, options: EndpointOptions | None = None, sleep: Callable[[float], None] = time.sleep):
+        super().__init__(options)
+        if not self.options.url:
+            raise AnnotatorError("endpoint annotator needs options.url (e.g. http://127.0.0.1:8000/v1)")
+        url = self.options.url.rstrip("/")
+        self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
+        self.sleep = sleep
+        self.requests = 0  # HTTP requests sent, retries included
+
+    def identity(self) -> dict:
+        return {"url": self.url, "model": self.options.model, "temperature": self.options.temperature,
+                "max_tokens": self.options.max_tokens, "prompts": prompts.PROMPT_VERSION}
+
+    def _key(self) -> str:
+        return self.options.api_key or os.environ.get(self.options.api_key_env or "", "")
+
+    def _post(self, payload: dict) -> dict:
+        """One JSON POST with bounded retries; raises ``RuntimeError`` naming the last failure."""
+        headers = {"Content-Type": "application/json"}
+        if self._key():
+            headers["Authorization"] = f"Bearer {self._key()}"
+        body = json.dumps(payload).encode()
+        last = ""
+        for attempt in range(self.options.max_retries + 1):
+            if attempt:
+                self.sleep(min(self.options.backoff_s * 2 ** (attempt - 1), self.options.max_backoff_s))
+            self.requests += 1
+            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self.options.timeout_s) as response:
+                    return json.loads(response.read().decode())
+            except urllib.error.HTTPError as err:
+                detail = err.read().decode(errors="replace")[:200]
+                last = f"HTTP {err.code} from {self.url}: {detail}"
+                if err.code not in RETRY_STATUS:
+                    break
+            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as err:
+                last = f"{type(err).__name__} calling {self.url}: {getattr(err, 'reason', err)}"
+            except json.JSONDecodeError as err:
+                last = f"invalid JSON from {self.url}: {err}"
+                break
+        raise RuntimeError(f"{last} (after {attempt + 1} attempt(s))")
+
+    def _ask(self, seed: int) -> Callable[[list[dict[str, str]], bool], str]:
+        def ask(messages: list[dict[str, str]], sample: bool) -> str:
+            reply = self._post({"model": self.options.model, "messages": messages, "seed": seed,
+                                "temperature": self.options.temperature if sample else 0.0,
+                                "max_tokens": self.options.max_tokens})
+            try:
+                return reply["choices"][0]["message"]["content"] or ""
+            except (KeyError, IndexError, TypeError) as err:
+                raise RuntimeError(f"unexpected reply shape from {self.url}: {str(reply)[:200]}") from err
+        return ask
+
+    def annotate(self, words: tuple[str, ...], seed: int) -> Annotation:
+        return three_steps(words, self._ask(seed))
+
+
+# ---- local LLM judge -----------------------------------------------------------------------------------------
+@dataclass
+class LLMJudgeOptions:
+    model_path: str = ""  # a local transformers folder (or GGUF directory with gguf_file)
+    gguf_file: str = ""
+    temperature: float = 1.0  # step 1; steps 2-3 greedy
+    max_new_tokens: int = 32
+    batch_size: int = 8
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+class LLMJudgeAnnotator(Annotator):
+    """A local chat model run through transformers, batched per step; no network (``HF_HUB_OFFLINE``)."""
+
+    id = "llm_judge"
+    Options = LLMJudgeOptions
+
+    def __init__(self, options: LLMJudgeOptions | None = None, model: Any = None, tokenizer: Any = None):
+        super().__init__(options)
+        if model is None and not self.options.model_path:
+            raise AnnotatorError("llm_judge annotator needs options.model_path (a local model folder)")
+        self.model, self.tokenizer = model, tokenizer
+
+    def identity(self) -> dict:
+        o = self.options
+        name = o.model_path or getattr(getattr(self.model, "config", None), "_name_or_path", "in-memory")
+        return {"model": name, "gguf": o.gguf_file, "temperature": o.temperature,
+                "max_new_tokens": o.max_new_tokens, "prompts": prompts.PROMPT_VERSION}
+
+    def _load(self) -> None:
+        if self.model is not None and self.tokenizer is not None:
+            return
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        kw = {"gguf_file": self.options.gguf_file} if self.options.gguf_file else {}
+        self.tokenizer = self.tokenizer or AutoTokenizer.from_pretrained(self.options.model_path, **kw)
+        if self.model is None:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                self.options.model_path, dtype=getattr(torch, self.options.dtype), **kw).to(self.options.device)
+        self.model.eval()
+
+    def _render(self, messages: list[dict[str, str]]) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return prompts.render_plain(messages)
+
+    def generate(self, conversations: list[list[dict[str, str]]], sample: bool, seed: int) -> list[str]:
+        """Replies to ``conversations`` (left-padded batches); sampling seeded by ``seed`` and the batch."""
+        import torch
+
+        self._load()
+        tok, model = self.tokenizer, self.model
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        tok.padding_side = "left"
+        replies: list[str] = []
+        for start in range(0, len(conversations), self.options.batch_size):
+            texts = [self._render(m) for m in conversations[start:start + self.options.batch_size]]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            torch.manual_seed(zlib.crc32(f"{seed}|{start}|{texts[0]}".encode()))
+            gen = dict(do_sample=True, temperature=self.options.temperature, top_k=0, top_p=1.0) \
+                if sample and self.options.temperature > 0 else dict(do_sample=False)
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=self.options.max_new_tokens,
+                                     pad_token_id=tok.pad_token_id, **gen)
+            replies += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return replies
+
+    def annotate(self, words: tuple[str, ...], seed: int) -> Annotation:
+        return self.annotate_many([(words, seed)])[0]
+
+    def annotate_many(self, items: Sequence[Item]) -> list[Annotation]:
+        """The three steps for all items, each step one batched generation per seed."""
+        self.calls += len(items)
+        results: list[Annotation | None] = [None] * len(items)
+        by_seed: dict[int, list[int]] = {}
+        for i, (_, seed) in enumerate(items):
+            by_seed.setdefault(seed, []).append(i)
+        for seed, idx in by_seed.items():
+            # one conversation per item per step; a step's pending items are batched together
+            pending = {i: [] for i in idx}  # item -> replies so far
+            concepts: dict[int, str] = {}
+            tasks: dict[int, tuple[str, ...]] = {}
+            steps = [(lambda w, i: prompts.concept_messages(w), True),
+                     (lambda w, i: prompts.tasks_messages(w, concepts[i]), False),
+                     (lambda w, i: prompts.level_messages(w, concepts[i]), False)]
+            for step, (build, sample) in enumerate(steps):
+                live = [i for i in pending if results[i] is None]
+                if not live:
+                    break
+                try:
+                    replies = self.generate([build(items[i][0], i) for i in live], sample, seed)
+                except Exception as err:  # noqa: BLE001 -- recorded per row
+                    for i in live:
+                        results[i] = Annotation.failed(f"step {step + 1}: {type(err).__name__}: {err}")
+                    continue
+                for i, reply in zip(live, replies):
+                    pending[i].append(reply)
+                    raw = "\n---\n".join(pending[i])
+                    try:
+                        if step == 0:
+                            concepts[i] = prompts.parse_concept(reply)
+                            if concepts[i] == CANNOT_TELL:
+                                results[i] = Annotation(CANNOT_TELL, (), "", OK, "", raw)
+                        elif step == 1:
+                            tasks[i] = prompts.parse_tasks(reply)
+                        else:
+                            results[i] = Annotation(concepts[i], tasks[i], prompts.parse_level(reply), OK, "", raw)
+                    except ParseError as err:
+                        results[i] = Annotation.failed(f"step {step + 1}: {err}", raw)
+        return [r if r is not None else Annotation.failed("no result") for r in results]
+
+    def close(self) -> None:
+        self.model = None
