@@ -278,6 +278,7 @@ def test_parsers():
     assert prompts.parse_tasks("Tasks: coding, translation") == ("coding", "translation")
     assert prompts.parse_tasks("Tasks: None") == ("none",)
     assert prompts.parse_level("Level: morphology (suffixes)") == "morphology"
+    assert prompts.parse_level("level: grammar") == "syntax"  # small judges say "grammar" for syntax
     for parse, reply in ((prompts.parse_concept, "fruit"), (prompts.parse_tasks, "Tasks: cooking"),
                          (prompts.parse_level, "Level: pragmatics")):
         with pytest.raises(ParseError):

@@ -149,11 +149,13 @@ def parse_tasks(reply: str) -> tuple[str, ...]:
     raise ParseError(f"no known task in {value!r}; expected some of {', '.join(TASKS)} or none")
 
 
-_LEVEL_STEMS = (("phon", "phonology"), ("morph", "morphology"), ("synta", "syntax"), ("semant", "semantics"))
+_LEVEL_STEMS = (("phon", "phonology"), ("sound", "phonology"), ("rhym", "phonology"), ("morph", "morphology"),
+                ("affix", "morphology"), ("inflect", "morphology"), ("synta", "syntax"), ("grammar", "syntax"),
+                ("semant", "semantics"), ("meaning", "semantics"))
 
 
 def parse_level(reply: str) -> str:
-    """``"Level: syntax"`` -> ``"syntax"`` (the first level named)."""
+    """``"Level: syntax"`` -> ``"syntax"`` (the first level named; "grammar", "sound", "meaning"... map too)."""
     value = _after_marker(reply, "Level").lower()
     hits = [(value.find(stem), level) for stem, level in _LEVEL_STEMS if stem in value]
     if not hits:
