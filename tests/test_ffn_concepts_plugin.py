@@ -54,6 +54,7 @@ def pair_run(tmp_path_factory):
     plugin.on_compare(ctx, "base", "tuned")
     plugin.on_compare(ctx, "base", "same")
     plugin.teardown(ctx)
+    ctx.cache_root = root / "cache"
     return ctx
 
 
@@ -75,6 +76,8 @@ def test_per_model_outputs(pair_run):
     assert np.allclose(v @ v.T, np.eye(R), atol=1e-5)
     html = (store.dir("ffn_concepts", "base") / "view_layer0.html").read_text()
     assert html.startswith("<!doctype html>") and "<script" not in html and "src=" not in html
+    assert html.count("not annotated") == 2 and "failed" not in html  # ranks 6 and 7 (annotate_top=6)
+    assert not (pair_run.cache_root / "annotations.sqlite").exists()  # the offline annotator is not cached
 
 
 def test_compare_outputs(pair_run):

@@ -197,7 +197,7 @@ class FFNConceptsPlugin(Plugin):
             self._annotator = build_annotator(o.annotator, dict(o.annotator_options))
         chosen = table if o.annotate_top <= 0 else table[table["rank"] < o.annotate_top]
         seeds = list(range(o.seeds))
-        cache = AnnotationCache(o.cache_dir) if o.cache_dir else None
+        cache = AnnotationCache(o.cache_dir) if o.cache_dir and self._annotator.cacheable else None
         labels, ann_stats = annotate_word_sets(self._annotator, [tuple(w) for w in chosen["top_words"]], seeds, cache)
         flat = [a for per_dir in labels for a in per_dir]
         long = pd.DataFrame({

@@ -35,10 +35,11 @@ def _words_html(words: Sequence[str], cos: Sequence[float]) -> str:
 
 
 def _label_html(row: pd.Series) -> str:
-    if row.get("status", "ok") != "ok":
-        return f'<span class="fail">failed: {html.escape(str(row.get("error", "")))[:200]}</span>'
+    status = row.get("status", "not_annotated")
+    if status == "failed":
+        return f'<span class="fail">failed: {html.escape(str(row.get("error", ""))[:200])}</span>'
     concept = str(row.get("concept", ""))
-    if not concept:
+    if status != "ok" or not concept:
         return '<span class="muted">not annotated</span>'
     tasks = html.escape(str(row.get("tasks", "")))
     level = html.escape(str(row.get("level", "")))
