@@ -96,12 +96,9 @@ def load_word_list(source: str = "builtin", tokenizer=None, limit: int | None = 
 def word_piece_ids(tokenizer, words: tuple[str, ...] | list[str]) -> list[list[int]]:
     """Token ids of each word as it appears mid-text (``" " + word``), a lone leading whitespace piece dropped."""
     encoded = tokenizer([" " + w for w in words], add_special_tokens=False)["input_ids"]
-    out = []
-    for ids in encoded:
-        if len(ids) > 1 and tokenizer.convert_ids_to_tokens(ids[0]) in ("▁", "Ġ", " "):
-            ids = ids[1:]
-        out.append(list(ids))
-    return out
+    vocab = tokenizer.get_vocab()
+    blank = {vocab[t] for t in ("▁", "Ġ", " ") if t in vocab}  # lone whitespace pieces
+    return [list(ids[1:]) if len(ids) > 1 and ids[0] in blank else list(ids) for ids in encoded]
 
 
 def averaging_matrix(piece_ids: list[list[int]], vocab_size: int) -> torch.Tensor:
