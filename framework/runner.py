@@ -188,11 +188,11 @@ class Runner:
             self._call(self.plugins, "teardown", ctx)
             self.store.update_summary("timing", {"seconds_total": time.perf_counter() - started,
                                                  "seconds_by_hook": self.timer.seconds})
-            logger.finish()
-        if cfg.run.report:
-            from framework.report import write_report
+            if cfg.run.report:
+                from framework.report import write_report
 
-            write_report(self.output_dir)
+                write_report(self.output_dir, logger=logger)  # also after an error: shows what finished
+            logger.finish()
         return self.store.summary()
 
     def _run_model(self, ctx: RunContext, key: str, spec: ModelSpec) -> None:
