@@ -6,7 +6,8 @@ Two slow references from :mod:`plugins.head_relations.reference` run on a sample
 the same pairs, and are extrapolated to all heads: the per-head loop laid out like the paper's code (one
 matmul per head, a full sort of the vocabulary per dim, a Python loop over the K x K pairs; torch does the
 arithmetic) and the pure-Python reference of the tests (loops over words, heads, dims and pairs). The loop and
-the vectorised miner are also timed interleaved on the same layers, so a shared machine's load hits both. Peak memory is the process's peak resident set during mining, above what it held before
+the vectorised miner are also timed interleaved on the same layers, so a shared machine's load hits both.
+Peak memory is the process's peak resident set during mining, above what it held before
 (Linux ``VmHWM`` after a reset through ``/proc/self/clear_refs``).
 
     python benchmarks/bench_head_relations.py [--words PATH] [--sample 4] [--threads 2] [--device cpu]
@@ -150,7 +151,7 @@ def main() -> None:
         print(f"{'pure-Python reference (tests)':<34}{min(args.python_heads, len(sample)):>7}{python_s:>10.1f}"
               f"{python_per_head:>9.3f}{python_per_head * n_heads_total:>15.1f}"
               f"{python_per_head * n_heads_total / fast_s:>9.1f}")
-    print(f"interleaved on the {len(sample)} sampled layers: naive {naive_per_head:.3f} s/head, vectorised "
+    print(f"interleaved on the {len(sample)} sampled layers: loop {naive_per_head:.3f} s/head, vectorised "
           f"{fast_sample_s / len(sample):.3f} s/head -> {ratio_interleaved:.1f}x")
     print(f"peak memory during mining: +{peak_extra_mb:.0f} MB above the {rss_before / 1024:.0f} MB held before "
           f"(model, word vectors); total peak {_status_kb('VmHWM') / 1024:.0f} MB")
