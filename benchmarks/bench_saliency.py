@@ -98,13 +98,18 @@ def round_trips(tok, ids: torch.Tensor) -> bool:
     return tok(tok.decode(ids), add_special_tokens=False)["input_ids"] == ids.tolist()
 
 
-def build_cases(model, tok, n_prompts: int, m: int, device: str) -> list[Case]:
+def build_cases(model, tok, n_prompts: int, m: int, device: str, need_texts: bool) -> list[Case]:
+    """The first ``n_prompts`` builtin prompts (with ``need_texts``: whose texts re-tokenize to the ids)."""
     cases = []
-    for prompt in load_prompts("builtin")[:n_prompts]:
+    for prompt in load_prompts("builtin"):
         enc = encode_prompt(tok, prompt, chat_template=False)  # the paper: raw prompt, BOS prepended
         response, ok = fixed_response(model, tok, enc.input_ids, m, device)
+        if need_texts and not ok:
+            continue
         item = make_item(enc.input_ids, response, enc.content_mask)
         cases.append(Case(item, tok.decode(enc.input_ids), tok.decode(torch.cat([enc.input_ids, response])), ok))
+        if len(cases) == n_prompts:
+            break
     return cases
 
 
@@ -205,7 +210,7 @@ def rel_diff(fast: torch.Tensor, ref: torch.Tensor) -> float:
 # ---- one (model, M) setting -----------------------------------------------------------------------------------
 def bench_setting(model, tok, name: str, m: int, args, inseq_model) -> None:
     device = args.device
-    cases = build_cases(model, tok, args.prompts, m, device)
+    cases = build_cases(model, tok, args.prompts, m, device, need_texts=inseq_model is not None)
     items = [c.item for c in cases]
     plans = plan_modes(items, args.mode)
     methods = [x for x in args.methods if not (x == "inseq" and inseq_model is None)]
@@ -323,7 +328,7 @@ def main() -> None:
         if "inseq" in args.methods:
             import inseq
 
-            inseq_model = inseq.load_model(model, "input_x_gradient", tokenizer=tok)
+            inseq_model = inseq.load_model(model, "input_x_gradient", tokenizer=tok, device=args.device)
             if tok("a")["input_ids"][:1] == [tok.bos_token_id]:  # environment.md gotcha 9
                 print(f"\n{path}: the tokenizer adds BOS itself; inseq cannot force a response there, skipped")
                 inseq_model = None
