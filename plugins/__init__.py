@@ -6,3 +6,4 @@ plus ``conf/plugins/<name>.yaml``.
 from plugins import residual_norm  # noqa: F401
 from plugins import ffn_concepts  # noqa: F401
 from plugins import head_relations  # noqa: F401
+from plugins import saliency  # noqa: F401
