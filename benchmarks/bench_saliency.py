@@ -310,7 +310,8 @@ def main() -> None:
     parser.add_argument("--mode", default="auto", choices=["auto", "vjp", "jvp"], help="tuneshift's path")
     parser.add_argument("--max-batch-tokens", type=int, default=16384)
     parser.add_argument("--max-batch-prompts", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared 2-core machine a second thread can make it 5-25x slower)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -4,8 +4,8 @@ For each axis the table gives, per point, the median wall and CPU seconds of ``-
 memory above what the process held before the call (RSS on CPU, allocated memory on a GPU), then the fitted
 exponent ``b`` of ``time ~ size^b`` (least squares on log-log; 1 = linear, < 1 = fixed costs still visible).
 
-* **saliency vs response length M** (``--lengths``, default 16/32/64/128) and **vs number of prompts**
-  (``--prompts``, 1/2/4/8) on ``--saliency-model`` (default SmolLM2-135M-Instruct): tuneshift's exact
+* **saliency vs response length M** (``--lengths``, default 16/32/64) and **vs number of prompts**
+  (``--prompts``, 1/2/4, M = ``--prompts-m`` = 16) on ``--saliency-model`` (default SmolLM2-135M-Instruct): tuneshift's exact
   gradient x input (:func:`plugins.saliency.attribution.attribute`, mode auto) on fixed token ids: a prompt of
   ``--prompt-len`` random ids (BOS position excluded from the attributed rows) and a response of M ids.
   Exact attribution needs min(N, M) passes over N + M tokens, so at fixed N the time can grow at most about
@@ -22,7 +22,8 @@ exponent ``b`` of ``time ~ size^b`` (least squares on log-log; 1 = linear, < 1 =
   SmolLM2-135M: saliency (1 prompt, P = ``--prompt-len``, M = 32), head relations (all layers, 5k words) and
   FFN concepts (eigh SVD, R = min(300, d), top words of every layer over 5k words).
 
-    python benchmarks/bench_scaling.py                 # the README figures (~5-8 min on 2 idle cores)
+    python benchmarks/bench_scaling.py --axes saliency       # README figures, part 1 (~6 min, 1 thread)
+    python benchmarks/bench_scaling.py --axes words model    # part 2 (~4 min)
     python benchmarks/bench_scaling.py --quick         # smoke test on tiny models (~1 min)
     python benchmarks/bench_scaling.py --device cuda   # peak allocated GPU memory instead of RSS
 """
@@ -272,15 +273,16 @@ def main() -> None:
     parser.add_argument("--axes", nargs="+", default=["saliency", "words", "model"],
                         choices=["saliency", "words", "model"])
     parser.add_argument("--saliency-model", default=SMOLLM2)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[16, 32, 64, 128])
-    parser.add_argument("--prompts", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--prompts-m", type=int, default=32, help="response length on the prompts axis")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--prompts", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--prompts-m", type=int, default=16, help="response length on the prompts axis")
     parser.add_argument("--prompt-len", type=int, default=24)
     parser.add_argument("--words", type=int, nargs="+", default=[2000, 5000, 10000, 20000])
     parser.add_argument("--hr-layers", type=int, default=6, help="layers mined on the word-list axis")
     parser.add_argument("--model-words", type=int, default=5000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared 2-core machine a second thread can make it 5-25x slower)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

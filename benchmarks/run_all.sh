@@ -3,16 +3,18 @@
 # benchmarks/results/<name>.md (a header with the command, machine and load average, then the script's output).
 #
 #   benchmarks/run_all.sh                      # all of them (about 40-60 min on 2 idle cores)
-#   benchmarks/run_all.sh saliency_smollm2_64 scaling     # only these (names below)
+#   benchmarks/run_all.sh saliency_smollm2_64 scaling_weights   # only these (names below)
 #   DEVICE=cuda benchmarks/run_all.sh          # on a GPU (memory is then peak allocated, not RSS)
-#   THREADS=1 benchmarks/run_all.sh ...        # torch threads (default 2)
+#   THREADS=2 benchmarks/run_all.sh ...        # torch threads (default 1: on a shared 2-core machine a second
+#                                              # thread competing with another job made a forward 5-25x slower)
 #
 # Names: saliency_tiny saliency_smollm2_64 saliency_smollm2_300 capture_tiny capture_smollm2 head_relations
-#        ffn_concepts scaling
+#        ffn_concepts scaling_saliency scaling_weights
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-THREADS=${THREADS:-2}
+THREADS=${THREADS:-1}
+export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS   # also for bench_capture.py (no --threads option)
 DEVICE=${DEVICE:-cpu}
 OUT=benchmarks/results
 mkdir -p "$OUT"
@@ -28,10 +30,11 @@ declare -A CMD=(
   [capture_smollm2]="benchmarks/bench_capture.py --model $SMOL --seq 128 --batches 1 8 --repeats 10"
   [head_relations]="benchmarks/bench_head_relations.py --threads $THREADS --device $DEVICE"
   [ffn_concepts]="benchmarks/bench_ffn_concepts.py --threads 1 --device $DEVICE"
-  [scaling]="benchmarks/bench_scaling.py --repeats 3 --threads $THREADS --device $DEVICE"
+  [scaling_saliency]="benchmarks/bench_scaling.py --axes saliency --repeats 3 --threads $THREADS --device $DEVICE"
+  [scaling_weights]="benchmarks/bench_scaling.py --axes words model --repeats 3 --threads $THREADS --device $DEVICE"
 )
 ORDER=(saliency_tiny saliency_smollm2_64 saliency_smollm2_300 capture_tiny capture_smollm2 head_relations
-       ffn_concepts scaling)
+       ffn_concepts scaling_saliency scaling_weights)
 [ $# -gt 0 ] && ORDER=("$@")
 
 status=0
