@@ -125,7 +125,6 @@ class FFNConceptsPlugin(Plugin):
             overall = ttest_table[ttest_table["group"] == stats.ALL]
             out["ttests_all_layers"] = overall.drop(columns=["group"]).to_dict(orient="records")
         store.save_json(self.name, cmp, "summary", out)
-        store.update_summary(self.name, {cmp: out})
         for layer, rot in rotation.groupby("layer"):
             summary = layer_summary[layer_summary["layer"] == layer].iloc[0].drop("layer").to_dict()
             page = views.layer_html(int(layer), _seed0(tables[base], layer), base, _seed0(tables[tuned], layer),

@@ -148,9 +148,9 @@ class HeadRelationsPlugin(Plugin):
             "verb_stats": stats.to_dict(orient="records"),
             "same_word_list": len(set(words_used.values())) == 1,
             "instruction_verbs_in_word_list": summaries[tuned].get("instruction_verbs_in_word_list"),
+            "jaccard_mean": float(over["jaccard"].mean()),
         }
         store.save_json(self.name, cmp, "summary", out)
-        store.update_summary(self.name, {cmp: {"jaccard_mean": float(over["jaccard"].mean())}})
         ctx.logger.log_html(f"{self.name}/{cmp}/view", path)
         for name, png in pngs.items():
             ctx.logger.log_image(f"{self.name}/{cmp}/{name}", png)
