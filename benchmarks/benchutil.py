@@ -73,6 +73,20 @@ def machine_line(device: str) -> str:
     return "; ".join(parts)
 
 
+def source_state(path: str) -> str:
+    """``path`` md5 and whether it differs from the commit (the code measured may be work in progress)."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.md5((root / path).read_bytes()).hexdigest()[:10]
+    try:
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", path], capture_output=True, text=True,
+                               cwd=root, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        dirty = "?"
+    return f"{path} md5 {digest} ({'uncommitted changes' if dirty else 'as committed'})"
+
+
 def sync(device: str | torch.device) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
