@@ -127,7 +127,10 @@ def test_one_real_prompt_scored_independently():
 @needs_reference
 def test_paper_tables_cli_on_a_few_prompts(tmp_path, capsys):
     out = tmp_path / "tables.json"
-    assert main(["--reference", str(REFERENCE), "--out", str(out), "--limit-per-split", "4"]) == 0
+    assert main(["--reference", str(REFERENCE), "--out", str(out), "--limit-per-split", "4",
+                 "--plots", str(tmp_path)]) == 0
+    for png in ("score_distribution.png", "density_profile.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     tables = json.loads(out.read_text())
     assert list(tables) == ["table1", "table2"]
     assert list(tables["table2"]) == ["self_instruct", "lima", "mtbench"]

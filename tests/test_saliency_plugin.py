@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -128,3 +127,15 @@ def test_examples_html_is_self_contained_and_marks_instructions():
     assert "p&lt;1&gt;" in page and "0.4200" in page
     assert '"cells": "a0390011aa"' in page.replace("&quot;", '"')  # row-major, 10 as "a"
     assert "<script src" not in page and "<link" not in page
+
+
+def test_token_strings_keep_spaces_and_split_characters():
+    from framework.testing import tiny_tokenizer
+    from plugins.saliency.views import token_strings
+
+    tok = tiny_tokenizer()
+    text = "Write a poem,\n  about caf\u00e9 \u2603"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    shown = token_strings(tok, ids)
+    assert len(shown) == len(ids) and "".join(shown) == text
+    assert "\u2603" in shown  # a character of several byte tokens appears whole on one of them

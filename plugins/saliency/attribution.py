@@ -61,9 +61,11 @@ Mode = Literal["auto", "vjp", "jvp"]
 TARGETS: tuple[str, ...] = ("prob", "logprob", "logit")
 MODES: tuple[str, ...] = ("auto", "vjp", "jvp")
 
-# Cost of one JVP token-pass relative to one VJP token-pass (body only, frozen weights), measured on this
-# CPU for SmolLM2-135M-sized models; :func:`plan_modes` compares the two paths with it.
-JVP_RELATIVE_COST = 1.0
+# Cost of one JVP token-pass relative to one VJP token-pass (body only, frozen weights), measured on
+# SmolLM2-135M on the project's CPU, one thread, a 91-token prompt and a 64-token response: 3.6 vs 2.8 ms
+# per predicted token-pass (forward mode under vmap pays for weight transposes, zero-tangent products and a
+# primal per chunk). :func:`plan_modes` compares the two paths with it.
+JVP_RELATIVE_COST = 1.3
 
 
 class AttributionError(ValueError):
@@ -242,31 +244,37 @@ def chunk_size(batch: int, length: int, overhead_tokens: float, max_batch_tokens
 
 
 def _vjp_batch(model: nn.Module, body: nn.Module, lay: _Layout, embeds: Tensor, target: Target,
-               max_batch_tokens: int) -> Tensor:
-    """``I[b, p, m]`` for every prompt column p by M batched VJPs (one per response token). ``[B, P, M]``
+               max_batch_tokens: int, use_cache: bool = True) -> Tensor:
+    """``I[b, p, m]`` for the prompt columns p by M batched VJPs (one per response token). ``[B, P, M]``
 
     Chunks run from the last response token backwards: the first one covers the whole sequence, and its
-    forward also yields the output-layer cotangents ``g`` for every response token.
+    forward also yields the output-layer cotangents ``g`` for every response token. Columns before the
+    first attributed one (BOS, a chat template's system prompt) are run once into a key/value cache and
+    never differentiated; their rows of the result stay 0.
     """
     B, P, M = embeds.shape[0], lay.P, lay.M
     out = embeds.new_zeros(B, P, M)
     batch_index = torch.arange(B, device=embeds.device)
-    K = chunk_size(B, P + M - 1, 1.5 * (P + M / 2), max_batch_tokens)
+    first = torch.where(lay.row_valid[:, 0], lay.row_cols[:, 0], torch.full_like(lay.row_cols[:, 0], P - 1))
+    c0 = int(first.min()) if use_cache else 0         # columns [0, c0) hold no attributed token in any row
+    cache = _prefix_cache(body, embeds, lay, c0)
+    K = chunk_size(B, P + M - 1 - c0, 1.5 * (P - c0 + M / 2), max_batch_tokens)
     grads_h: Tensor | None = None
     for m1 in range(M, 0, -K):
         m0 = max(0, m1 - K)
         width = P + m1 - 1                            # response tokens [m0, m1) need columns [0, width)
-        leaf = embeds[:, :width].detach().requires_grad_(True)                        # [B, W, d]
+        leaf = embeds[:, c0:width].detach().requires_grad_(True)                     # [B, W, d]
         with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-            hidden = _body_forward(body, leaf, lay.mask[:, :width], lay.positions[:, :width])  # [B, W, d]
-            if grads_h is None:                       # first chunk: W = L, every response column present
-                grads_h = _output_cotangents(model, lay.at_responses(hidden.detach()), lay, target)  # [B, M, d]
+            past = _copy_cache(cache) if cache is not None else None
+            hidden = _body_forward(body, leaf, lay.mask[:, :width], lay.positions[:, c0:width], past)  # [B, W, d]
+            if grads_h is None:                       # first chunk: every response column present
+                grads_h = _output_cotangents(model, lay.at_responses(hidden.detach(), c0), lay, target)  # [B, M, d]
             k = torch.arange(m1 - m0, device=embeds.device)
             cot = hidden.new_zeros((m1 - m0,) + tuple(hidden.shape))                   # [K, B, W, d]
-            cot[k[:, None], batch_index[None, :], lay.pred_cols[:, m0:m1].T] = grads_h[:, m0:m1].transpose(0, 1)
+            cot[k[:, None], batch_index[None, :], lay.pred_cols[:, m0:m1].T - c0] = grads_h[:, m0:m1].transpose(0, 1)
             (grad,) = torch.autograd.grad(hidden, leaf, cot, is_grads_batched=True)   # [K, B, W, d]
-        out[:, :, m0:m1] = torch.einsum("kbpd,bpd->bpk", grad[:, :, :P], embeds[:, :P])
-        del leaf, hidden, cot, grad
+        out[:, c0:, m0:m1] = torch.einsum("kbpd,bpd->bpk", grad[:, :, :P - c0], embeds[:, c0:P])
+        del leaf, hidden, cot, grad, past
     return out
 
 
@@ -403,13 +411,15 @@ def _groups(indices: list[int], items: Sequence[AttributionItem], max_batch_prom
 # ---- public entry points --------------------------------------------------------------------------------------
 def attribute(model: nn.Module, items: Sequence[AttributionItem], *, target: Target = "prob",
               mode: Mode = "auto", max_batch_tokens: int = 16384, max_batch_prompts: int = 8,
-              pad_token_id: int | None = None, jvp_prefix_cache: bool = True,
+              pad_token_id: int | None = None, prefix_cache: bool = True,
               progress: Callable[[int], None] | None = None) -> list[Tensor]:
     """Gradient x input matrices, one ``[n_rows, n_response]`` float32 CPU tensor per item (same order).
 
     ``max_batch_tokens`` bounds the positions one vectorised pass processes (directions x prompts x length);
     memory grows with it (about ``max_batch_tokens * (d_ff + heads * length) * 4`` bytes per layer in flight).
-    ``progress`` is called with the number of items finished after each group.
+    ``prefix_cache`` runs columns that no direction of a chunk touches once into a key/value cache (exact
+    either way; off only to check that). ``progress`` is called with the number of items finished after each
+    group.
     """
     _check_target(target)
     if max_batch_tokens < 1 or max_batch_prompts < 1:
@@ -438,14 +448,15 @@ def attribute(model: nn.Module, items: Sequence[AttributionItem], *, target: Tar
                 lay = _layout(batch, pad_token_id, device)
                 embeds = _embed(model, lay.ids)                                   # [B, L, d]
                 if path == "vjp":
-                    full = _vjp_batch(model, body, lay, embeds, target, max_batch_tokens)  # [B, P, M]
+                    full = _vjp_batch(model, body, lay, embeds, target, max_batch_tokens,
+                                      prefix_cache and _supports_prefix_cache(model))  # [B, P, M]
                     for b, i in enumerate(group):
                         cols = lay.row_cols[b, lay.row_valid[b]]
                         results[i] = full[b, cols, :items[i].n_response].float().cpu()
                 else:
                     grads_h = _response_cotangents(body, model, lay, embeds, target)  # [B, M, d]
                     rows = _jvp_batch(model, body, lay, embeds, grads_h, max_batch_tokens,
-                                      jvp_prefix_cache and _supports_prefix_cache(model))  # [B, R, M]
+                                      prefix_cache and _supports_prefix_cache(model))  # [B, R, M]
                     for b, i in enumerate(group):
                         results[i] = rows[b, :items[i].n_rows, :items[i].n_response].float().cpu()
                 if progress is not None:

@@ -24,7 +24,6 @@ import codecs
 import csv
 import difflib
 import io
-import json
 import pickle
 import re
 import sys
@@ -273,20 +272,31 @@ def reference_scores(reference: Path, model_dir: str, prompts: Sequence[Prompt],
     return pd.DataFrame(rows)
 
 
-def paper_tables(reference: str | Path, b: float = 7.0, p: float = 4.0, limit_per_split: int | None = None,
+def paper_scores(reference: str | Path, b: float = 7.0, p: float = 4.0, limit_per_split: int | None = None,
                  base_dir: str = BASE_DIR, tuned_dir: str = TUNED_DIR, ratings_model: str = RATINGS_MODEL,
-                 ) -> tuple[dict, pd.DataFrame]:
-    """``({"table1": ..., "table2": ...}, decile table)`` from the reference data under ``reference``."""
+                 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Per-prompt scores of the base and the tuned model (columns id, split, score, n_response,
+    n_instruction, profile) and the ratings of ``ratings_model``, from the reference data."""
     reference = Path(reference).expanduser()
     prompts = select_prompts(load_final_dataset(reference / "datasets" / "FinalDataset.tsv"), limit_per_split)
     ratings = load_ratings(reference / "datasets" / "AnnotatedDataset.tsv", ratings_model)
-    base = reference_scores(reference, base_dir, prompts, b, p)
-    tuned = reference_scores(reference, tuned_dir, prompts, b, p)
+    return (reference_scores(reference, base_dir, prompts, b, p), reference_scores(reference, tuned_dir, prompts, b, p),
+            ratings)
+
+
+def tables_from_scores(base: pd.DataFrame, tuned: pd.DataFrame, ratings: pd.DataFrame) -> tuple[dict, pd.DataFrame]:
+    """``({"table1": ..., "table2": ...}, decile table)``: Table 1 on the tuned model's ratings."""
     order = lambda table: {k: table[k] for k in sorted(table, key=lambda s: (SPLITS + (s,)).index(s))}  # noqa: E731
     tables = {"table1": order(stats.table1(tuned, ratings)), "table2": order(stats.table2(base, tuned))}
     deciles = stats.decile_table({"base": np.stack(base["profile"].to_list()),
                                   "tuned": np.stack(tuned["profile"].to_list())})
     return tables, deciles
+
+
+def paper_tables(reference: str | Path, b: float = 7.0, p: float = 4.0, limit_per_split: int | None = None,
+                 **dirs: str) -> tuple[dict, pd.DataFrame]:
+    """``({"table1": ..., "table2": ...}, decile table)`` from the reference data under ``reference``."""
+    return tables_from_scores(*paper_scores(reference, b, p, limit_per_split, **dirs))
 
 
 def format_tables(tables: dict) -> str:
@@ -315,9 +325,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="use only the first N prompts of each split (quick checks)")
     parser.add_argument("--deciles", action="store_true",
                         help="also print the density profile over prompt position and add it to the JSON")
+    parser.add_argument("--plots", type=Path, help="write score_distribution.png and density_profile.png here")
     args = parser.parse_args(argv)
     try:
-        tables, deciles = paper_tables(args.reference, args.b, args.p, args.limit_per_split)
+        base, tuned, ratings = paper_scores(args.reference, args.b, args.p, args.limit_per_split)
+        tables, deciles = tables_from_scores(base, tuned, ratings)
     except (PaperDataError, UnsafePickleError, DataError, OSError) as err:
         print(f"tuneshift-paper-tables: error: {err}", file=sys.stderr)
         return 2
@@ -327,6 +339,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nMean normalised density by relative prompt position (decile)")
         print(deciles.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         payload["deciles"] = deciles.to_dict(orient="list")
+    if args.plots is not None:
+        from plugins.saliency import views
+
+        views.score_distribution_png(args.plots / "score_distribution.png", {"LLaMA-7B": base, "Vicuna-7B": tuned},
+                                     f"instruction scores from the released attributions (b = {args.b:g})")
+        views.density_profile_png(args.plots / "density_profile.png",
+                                  deciles.rename(columns={"base": "LLaMA-7B", "tuned": "Vicuna-7B"}),
+                                  "importance density over relative prompt position")
     if args.out is not None:
         from framework.results import atomic_write_json
 

@@ -39,8 +39,26 @@ class PromptView:
 
 
 def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
-    """Readable text of each token (``decode`` of the single id, so ``Ġ``/``▁`` markers become spaces)."""
-    return [tokenizer.decode([int(i)]) for i in ids]
+    """Readable text of each token, spaces included, as the difference of decoded prefixes.
+
+    Decoding a single id loses leading spaces with SentencePiece tokenizers (``▁word`` -> ``word``); the
+    prefix difference keeps them. A character split over several byte tokens is shown on the first of them
+    (the others show nothing). Quadratic in the length, so long sequences decode token by token.
+    """
+    ids = [int(i) for i in ids]
+    if len(ids) > 2048:
+        return [tokenizer.decode([i]) for i in ids]
+    out: list[str] = []
+    stable, pending = "", 0
+    for k in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:k])
+        if text.endswith("\ufffd") and k < len(ids):  # a character still incomplete: wait for its last byte
+            pending += 1
+            continue
+        new = text[len(stable):] if text.startswith(stable) else tokenizer.decode(ids[k - 1 - pending:k])
+        out += [new] + [""] * pending
+        stable, pending = text, 0
+    return out
 
 
 def _shown(token: str) -> str:
@@ -51,9 +69,10 @@ def _shown(token: str) -> str:
 def _prompt_html(view: PromptView, index: int) -> str:
     spans = []
     for n, token in enumerate(view.prompt_tokens):
-        alpha = float(np.clip(view.density_norm[n], 0.0, 1.0)) if n < len(view.density_norm) else 0.0
+        alpha = float(np.clip(view.density_norm[n], 0.0, 1.0))
         cls = "tok instr" if view.instruction[n] else "tok"
-        tip = f"#{n} density {view.density[n]:.3f} (normalised {alpha:.3f})" + (" | instruction" if view.instruction[n] else "")
+        tip = f"#{n} density {view.density[n]:.3f} (normalised {alpha:.3f})"
+        tip += " | instruction" if view.instruction[n] else ""
         spans.append(f'<span class="{cls}" style="background:rgba(214,39,40,{alpha:.3f})" '
                      f'title="{html.escape(tip)}">{_shown(token)}</span>')
     response = "".join(f'<span class="rtok">{_shown(t)}</span>' for t in view.response_tokens)
