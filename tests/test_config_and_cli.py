@@ -64,7 +64,8 @@ def test_bad_model_paths_fail_clearly(tmp_path):
 
 def test_cli_runs_end_to_end_and_resumes(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNESHIFT_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "framework.cli", "plugins=[residual_norm]", "data.limit=4",
+    cmd = [sys.executable, "-m", "framework.cli", "model=tiny_random", "data=builtin", "plugins=[residual_norm]",
+           "data.limit=4",
            f"run.root={tmp_path}", "run.progress=false", "logger=wandb"]
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -81,7 +82,8 @@ def test_cli_runs_end_to_end_and_resumes(tmp_path):
 
 
 def test_cli_reports_a_typo_in_the_plugin_options(tmp_path):
-    cmd = [sys.executable, "-m", "framework.cli", "plugins=[residual_norm]", "+plugins.residual_norm.colour=red",
+    cmd = [sys.executable, "-m", "framework.cli", "model=tiny_random", "data=builtin", "plugins=[residual_norm]",
+           "+plugins.residual_norm.colour=red",
            f"run.root={tmp_path}"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300,
                             env={**os.environ, "HYDRA_FULL_ERROR": "1"})

@@ -135,7 +135,7 @@ def test_runner_end_to_end(tmp_path):
                     "plugins": {"ffn_concepts": {"n_directions": 6, "seeds": 2, "word_limit": 2000,
                                                  "cache_dir": str(tmp_path / "cache")}}})
     summary = run(cfg, tmp_path / "out")
-    assert set(summary["ffn_concepts"]) >= {"base", "tuned", "compare/base__tuned"}
+    assert set(summary["ffn_concepts"]) >= {"base", "tuned", "base__tuned"}
     store = ResultStore(tmp_path / "out")
     assert len(store.load_table("ffn_concepts", "tuned", "directions")) == 2 * 6
     assert pd.read_parquet(store.dir("ffn_concepts", "compare/base__tuned") / "rotation.parquet").shape[0] == 12

@@ -43,9 +43,9 @@ def _results(root: Path) -> dict[str, int]:
 
 
 def _sweep_args(tmp_path: Path, conf: Path, *extra: str) -> list[str]:
-    return ["-m", "model=flaky_gpt2,tiny_random", "plugins=[residual_norm]", "data.limit=2",
+    return ["-m", "model=flaky_gpt2,tiny_random", "plugins=[residual_norm]", "data=builtin", "data.limit=2",
             f"run.root={tmp_path / 'out'}", "run.progress=false", f"hydra.searchpath=[file://{conf}]",
-            "+hydra.callbacks.sweep_report._target_=framework.report.SweepReportCallback", *extra]
+            *extra]  # conf/config.yaml registers the sweep-report callback
 
 
 def test_interrupted_sweep_resumes_only_what_is_missing(tmp_path):
