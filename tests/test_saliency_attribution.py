@@ -58,7 +58,8 @@ def test_equals_naive_loop_on_left_padded_batches(models, family, mode):
     want = [naive_attribution(model, it) for it in items]
     # a small budget forces several chunks per prompt (causal truncation, prefix caches) and one prompt a pass
     for budget, prompts in ((48, 5), (100_000, 1)):
-        got = attribute(model, items, mode=mode, max_batch_tokens=budget, max_batch_prompts=prompts)
+        got = attribute(model, items, mode=mode, max_batch_tokens=budget, max_batch_prompts=prompts,
+                        max_padding_waste=100.0)  # all five prompts share each pass
         for g, w in zip(got, want):
             assert _rel_err(g, w) < 1e-5
 
@@ -80,7 +81,8 @@ def test_prefix_cache_is_exact(models):
     want = [naive_attribution(models["llama"], it) for it in items]
     for mode in ("vjp", "jvp"):
         for cache in (True, False):
-            got = attribute(models["llama"], items, mode=mode, prefix_cache=cache, max_batch_tokens=40)
+            got = attribute(models["llama"], items, mode=mode, prefix_cache=cache, max_batch_tokens=40,
+                            max_padding_waste=100.0)
             assert all(_rel_err(g, w) < 1e-5 for g, w in zip(got, want))
 
 
@@ -174,6 +176,17 @@ def test_bad_inputs_fail_clearly(models):
         attribute(models["llama"], _items()[:1], target="probability")
     with pytest.raises(AttributionError, match="unknown attribution mode"):
         attribute(models["llama"], _items()[:1], mode="fast")
+
+
+def test_prompts_share_passes_only_when_padding_is_cheap():
+    from plugins.saliency.attribution import _groups
+
+    same = [make_item(torch.arange(5, 15), torch.arange(5, 13)) for _ in range(3)]
+    assert list(_groups("vjp", [0, 1, 2], same, 8, 10**6)) == [[0, 1, 2]]
+    assert list(_groups("vjp", [0, 1, 2], same, 2, 10**6)) == [[0, 1], [2]]
+    mixed = [make_item(torch.arange(5, 45), torch.arange(5, 13)), make_item(torch.arange(5, 8), torch.arange(5, 13))]
+    assert list(_groups("vjp", [0, 1], mixed, 8, 10**6)) == [[1], [0]]          # 40 vs 3 prompt tokens
+    assert list(_groups("vjp", [0, 1], mixed, 8, 10**6, max_waste=100)) == [[1, 0]]
 
 
 def test_chunk_size_respects_memory_budget():

@@ -21,7 +21,10 @@ Why it is fast (and still exact)
     * **Causal truncation.** The VJP of response token m needs the prefix up to its position only: each VJP
       chunk runs on the shortest prefix that holds it. A JVP of position n changes nothing before n: each JVP
       chunk first runs the untouched prefix once without tangents (a key/value cache) and pushes tangents
-      through the rest only.
+      through the rest only. Leading columns that are not attributed (BOS, a chat template's system prompt)
+      go into such a cache for the VJPs too, so they are never differentiated.
+    * **Cost-aware batching.** Chunk sizes balance truncation against each chunk's extra forward
+      (:func:`chunk_size`); prompts share a pass only while padding them to common shapes wastes little.
     * **Frozen weights.** Gradients are taken w.r.t. the input embeddings alone; no parameter gradient is
       ever allocated, and autograd state is freed after each chunk.
 
@@ -33,15 +36,18 @@ Batch layout (built here from per-prompt ids, independent of the runner's batche
               is never an input; position ids count real tokens only)
 
 so response token m >= 1 (0-based) is predicted at column ``P - 1 + m`` in every row (token 0 at the
-prompt's last column, ``P_b - 1``; ``_Layout.pred_cols`` holds both), and no query row is
-ever fully masked (left padding makes the pad rows attend to nothing, which gives NaN in some dtypes and
-attention kernels, and a NaN times a zero cotangent is still NaN). Sliding-window attention measures
-distances in columns, so a model whose window is shorter than a batch's padded length runs one prompt a
-pass (no pads at all). Forward-mode derivatives
-need an attention implementation that has them: PyTorch's fused SDPA kernels have none (nor batching rules
-for their backward, which VJPs under ``vmap`` would run one direction at a time), so every pass runs under
-``sdpa_kernel(SDPBackend.MATH)``, SDPA's reference implementation in plain differentiable ops; other
-implementations (flash attention) are switched to SDPA for the call and restored after.
+prompt's last column, ``P_b - 1``; ``_Layout.pred_cols`` holds both), and no query row is ever fully
+masked (left padding makes the pad rows attend to nothing, which gives NaN in some dtypes and attention
+kernels, and a NaN times a zero cotangent is still NaN). Sliding-window attention measures distances in
+columns, so a model whose window is shorter than a batch's padded length runs one prompt a pass (no pads).
+
+Attention: PyTorch's fused SDPA kernels have no forward-mode derivative (nor batching rules for their
+backward, which VJPs under ``vmap`` would then run one direction at a time), so every pass runs under
+``sdpa_kernel(SDPBackend.MATH)``, SDPA's reference implementation in plain differentiable ops; eager
+attention needs nothing, and other implementations (flash attention) are switched to SDPA for the call.
+
+Threads: on a busy machine, tiny models run far faster with ``torch.set_num_threads(1)`` (intra-op threads
+spin-wait for each other on every small op); the caller decides.
 
 :func:`naive_attribution` is the slow reference (the authors' algorithm: one full forward and backward per
 response token) used by the tests and benchmarks.
@@ -324,8 +330,7 @@ def _jvp_batch(model: nn.Module, body: nn.Module, lay: _Layout, embeds: Tensor, 
     out = embeds.new_zeros(B, R, M)
     batch_index = torch.arange(B, device=embeds.device)
     first_col = torch.where(lay.row_valid, lay.row_cols, torch.full_like(lay.row_cols, L)).amin(0)  # [R]
-    mean_start = float(first_col.float().mean()) if use_cache else 0.0
-    K = chunk_size(B, L, mean_start, max_batch_tokens)
+    K = chunk_size(B, L, L, max_batch_tokens)  # a chunk's extra cost: its primal plus its prefix, one forward
     for k0 in range(0, R, K):
         k1 = min(R, k0 + K)
         c0 = min(int(first_col[k0]), P - 1) if use_cache else 0   # nothing before c0 carries a tangent
@@ -387,20 +392,38 @@ def sliding_window(model: nn.Module) -> int | None:
     return None
 
 
-def _groups(indices: list[int], items: Sequence[AttributionItem], max_batch_prompts: int,
-            max_batch_tokens: int, window: int | None = None) -> Iterator[list[int]]:
-    """Prompts of one path, sorted by length, in groups of similar shapes (less padding per pass).
+def _padded_waste(path: str, group: Sequence[AttributionItem]) -> float:
+    """Token-passes of ``group`` run together (padded to its largest shapes) over those of its prompts alone."""
+    P = max(it.n_prompt for it in group)
+    M = max(it.n_response for it in group)
+    if path == "vjp":   # every prompt runs M_max directions over P_max-long prompts
+        alone = sum(vjp_cost(it.n_prompt, it.n_response) for it in group)
+        together = len(group) * vjp_cost(P, M)
+    else:               # every prompt runs R_max directions over the padded length
+        alone = sum(it.n_rows * (it.n_prompt + it.n_response - 1) for it in group)
+        together = len(group) * max(it.n_rows for it in group) * (P + M - 1)
+    return together / max(alone, 1.0)
 
-    With a sliding ``window`` shorter than a group's padded length, the prompts run one at a time.
+
+def _groups(path: str, indices: list[int], items: Sequence[AttributionItem], max_batch_prompts: int,
+            max_batch_tokens: int, window: int | None = None, max_waste: float = 1.15) -> Iterator[list[int]]:
+    """Prompts of one path in groups of similar shapes that share each pass.
+
+    Sorted by the number of directions (response tokens for VJPs, attributed rows for JVPs) then length; a
+    prompt joins the current group only while padding costs at most ``max_waste`` times running its members
+    alone. With a sliding ``window`` shorter than a group's padded length, prompts run one at a time.
     """
-    order = sorted(indices, key=lambda i: (items[i].n_prompt, items[i].n_response))
+    key = (lambda i: (items[i].n_response, items[i].n_prompt)) if path == "vjp" else \
+        (lambda i: (items[i].n_rows, items[i].n_prompt + items[i].n_response))
     group: list[int] = []
-    for i in order:
+    for i in sorted(indices, key=key):
         trial = group + [i]
-        P = max(items[j].n_prompt for j in trial)
-        M = max(items[j].n_response for j in trial)
+        shapes = [items[j] for j in trial]
+        P = max(it.n_prompt for it in shapes)
+        M = max(it.n_response for it in shapes)
         too_wide = window is not None and P + M > window
-        if group and (len(trial) > max_batch_prompts or len(trial) * (P + M) > max_batch_tokens or too_wide):
+        if group and (len(trial) > max_batch_prompts or len(trial) * (P + M) > max_batch_tokens or too_wide
+                      or _padded_waste(path, shapes) > max_waste):
             yield group
             trial = [i]
         group = trial
@@ -412,14 +435,15 @@ def _groups(indices: list[int], items: Sequence[AttributionItem], max_batch_prom
 def attribute(model: nn.Module, items: Sequence[AttributionItem], *, target: Target = "prob",
               mode: Mode = "auto", max_batch_tokens: int = 16384, max_batch_prompts: int = 8,
               pad_token_id: int | None = None, prefix_cache: bool = True,
-              progress: Callable[[int], None] | None = None) -> list[Tensor]:
+              max_padding_waste: float = 1.15, progress: Callable[[int], None] | None = None) -> list[Tensor]:
     """Gradient x input matrices, one ``[n_rows, n_response]`` float32 CPU tensor per item (same order).
 
     ``max_batch_tokens`` bounds the positions one vectorised pass processes (directions x prompts x length);
     memory grows with it (about ``max_batch_tokens * (d_ff + heads * length) * 4`` bytes per layer in flight).
-    ``prefix_cache`` runs columns that no direction of a chunk touches once into a key/value cache (exact
-    either way; off only to check that). ``progress`` is called with the number of items finished after each
-    group.
+    Prompts share a pass (up to ``max_batch_prompts``) while padding them to common shapes costs at most
+    ``max_padding_waste`` times running them alone. ``prefix_cache`` runs columns that no direction of a
+    chunk touches once into a key/value cache (exact either way; off only to check that). ``progress`` is
+    called with the number of items finished after each group.
     """
     _check_target(target)
     if max_batch_tokens < 1 or max_batch_prompts < 1:
@@ -443,7 +467,8 @@ def attribute(model: nn.Module, items: Sequence[AttributionItem], *, target: Tar
     try:
         for path in ("vjp", "jvp"):
             chosen = [i for i, p in zip(todo, plans) if p == path]
-            for group in _groups(chosen, items, max_batch_prompts, max_batch_tokens, window):
+            for group in _groups(path, chosen, items, max_batch_prompts, max_batch_tokens, window,
+                                 max_padding_waste):
                 batch = [items[i] for i in group]
                 lay = _layout(batch, pad_token_id, device)
                 embeds = _embed(model, lay.ids)                                   # [B, L, d]
