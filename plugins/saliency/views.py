@@ -162,12 +162,7 @@ def score_distribution_png(path: str | Path, scores: dict[str, pd.DataFrame], ti
     axes[0][0].set_ylabel("prompts")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def density_profile_png(path: str | Path, table: pd.DataFrame, title: str = "") -> Path:
@@ -183,12 +178,17 @@ def density_profile_png(path: str | Path, table: pd.DataFrame, title: str = "") 
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
+    return _save(plt, fig, path)
+
+
+__all__ = ["PromptView", "density_profile_png", "examples_html", "score_distribution_png", "token_strings"]
+
+
+def _save(plt, fig, path: str | Path) -> Path:
+    """Lay out, write ``fig`` as a PNG at ``path`` (folders created) and free it."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-__all__ = ["PromptView", "density_profile_png", "examples_html", "score_distribution_png", "token_strings"]
