@@ -96,7 +96,7 @@ def test_sweep_with_parallel_processes(tmp_path):
     """The joblib launcher (conf/hydra/launcher/local_parallel.yaml): each job in its own loky process."""
     out = tmp_path / "out"
     args = ["-m", "hydra/launcher=local_parallel", "model=tiny_random,tiny_random_gpt2", "plugins=[residual_norm]",
-            "data.limit=2", f"run.root={out}", "run.progress=false"]
+            "data=builtin", "data.limit=2", f"run.root={out}", "run.progress=false"]
     result = _tuneshift(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     for job in ("tiny_random-builtin", "tiny_random_gpt2-builtin"):
