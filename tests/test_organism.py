@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -43,10 +44,22 @@ def test_smoke_build_writes_every_artifact(smoke_dir: Path) -> None:
         assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {
             p.name for p in (smoke_dir / name).iterdir()}
     metrics = json.loads((smoke_dir / "metrics.json").read_text())
+    assert json.loads((smoke_dir / "pretrain_log.json").read_text())["curve"] == metrics["pretrain"]["curve"]
+    assert metrics["pretrain"]["resumed"] is False and "replay_loss" in metrics["sft"]["curve"][-1]
     assert metrics["pretrain"]["curve"][-1]["step"] == 30 and metrics["sft"]["curve"][-1]["step"] == 30
     assert set(metrics["heldout"]["base"]["tasks"]) == {t.name for t in TASKS}
     assert "| reverse |" in (smoke_dir / "MODEL_CARD.md").read_text()
     assert len((smoke_dir / "heldout_prompts.jsonl").read_text().splitlines()) == 2 * len(TASKS)
+
+
+def test_resume_reuses_the_base_and_gives_the_same_instruct_model(smoke_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pair"
+    shutil.copytree(smoke_dir / "base", out / "base")
+    shutil.copy(smoke_dir / "pretrain_log.json", out / "pretrain_log.json")
+    assert main(["--smoke", "--resume", "--out", str(out), "--seed", "1"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["pretrain"]["resumed"] is True
+    assert (out / "instruct" / "model.safetensors").read_bytes() == (
+        smoke_dir / "instruct" / "model.safetensors").read_bytes()
 
 
 def test_tokenizer_round_trips_text_and_adds_one_bos(tokenizer) -> None:

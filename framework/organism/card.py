@@ -36,10 +36,18 @@ def _curve_summary(curve: list[dict]) -> str:
 
 def _replay_note(sft: dict) -> str:
     """The sentence on plain-text replay during SFT, or nothing when there was none."""
-    if not sft["replay_batch_size"]:
+    if not sft.get("replay_batch_size"):  # absent in metrics written before replay existed
         return ""
     return (f"\nEvery SFT step also replays {sft['replay_batch_size']} plain-text pre-training rows and adds their"
             " language-model loss, so that tuning teaches the tasks without erasing the language model.")
+
+
+def _resume_note(pretrain: dict) -> str:
+    """A sentence saying that pre-training was reused from an interrupted build, or nothing."""
+    if not pretrain.get("resumed"):
+        return ""
+    return (" The build was resumed (`--resume`) after an interruption: pre-training and its"
+            " log come from the first process, SFT and evaluation from the second; the total adds both.")
 
 
 def _score_table(heldout: dict) -> str:
@@ -118,7 +126,7 @@ safetensors (base {disk['base'] / 1e6:.1f} MB, instruct {disk['instruct'] / 1e6:
 | SFT | {sft['steps']} | {sft['batch_size']} | <= {config['seq_len']} | {sft['lr']} | {sft['warmup']} | {seconds['sft'] / 60:.1f} min | {_curve_summary(metrics['sft']['curve'])} (response tokens) |
 
 Whole build: {seconds['total'] / 60:.1f} min (data and tokenizer {seconds['data_and_tokenizer']:.0f} s, evaluation
-{seconds['evaluation']:.0f} s). Validation loss on held-out plain text: base {metrics['validation_loss']['base']:.3f},
+{seconds['evaluation']:.0f} s).{_resume_note(metrics['pretrain'])} Validation loss on held-out plain text: base {metrics['validation_loss']['base']:.3f},
 instruct {metrics['validation_loss']['instruct']:.3f}.
 
 ## Held-out scores (both models, same chat template, greedy, at most {config['max_new_tokens']} new tokens)

@@ -39,6 +39,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int)
     parser.add_argument("--intermediate", type=int, help="FFN width")
     parser.add_argument("--threads", type=int, default=PairConfig.threads, help="torch CPU threads")
+    parser.add_argument("--resume", action="store_true",
+                        help="if OUT/pretrain_log.json exists (an interrupted build with the same options), reuse "
+                             "OUT/base instead of pre-training again; SFT and evaluation are redone")
     return parser.parse_args(argv)
 
 
@@ -47,7 +50,7 @@ def config_from_args(args: argparse.Namespace) -> PairConfig:
     base = SMOKE if args.smoke else PairConfig()
     size = ModelSize(**{name: getattr(args, name) or getattr(base.size, name)
                         for name in ("layers", "hidden", "heads", "intermediate")})
-    return replace(base, out_dir=args.out, seed=args.seed, size=size, threads=args.threads,
+    return replace(base, out_dir=args.out, seed=args.seed, size=size, threads=args.threads, resume=args.resume,
                    pretrain=replace(base.pretrain, steps=args.pretrain_steps or base.pretrain.steps),
                    sft=replace(base.sft, steps=args.sft_steps or base.sft.steps,
                                replay_batch_size=base.sft.replay_batch_size if args.sft_replay is None

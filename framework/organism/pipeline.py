@@ -2,7 +2,8 @@
 
 :func:`run` writes ``<out>/base`` and ``<out>/instruct`` (fp16 safetensors, each with the tokenizer),
 ``heldout_prompts.jsonl`` (the project's prompt format), ``eval_predictions.jsonl`` (both models' answers),
-``metrics.json`` and ``MODEL_CARD.md``. Everything is seeded by ``PairConfig.seed``.
+``metrics.json`` and ``MODEL_CARD.md``. Everything is seeded by ``PairConfig.seed``. ``pretrain_log.json`` is
+written as soon as the base is saved, so that a build killed during SFT can go on with ``resume``.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from . import card
 from .corpus import Sources, load_sources, pretraining_documents
@@ -44,6 +45,7 @@ class PairConfig:
     max_documents: int | None = None  # cap on pre-training documents (smoke mode)
     max_new_tokens: int = 64
     threads: int = 2
+    resume: bool = False              # reuse <out>/base and <out>/pretrain_log.json of an interrupted build
 
 
 SMOKE = PairConfig(size=ModelSize(layers=2, hidden=64, heads=2, intermediate=172), vocab_size=512,
@@ -51,6 +53,7 @@ SMOKE = PairConfig(size=ModelSize(layers=2, hidden=64, heads=2, intermediate=172
                    sft=Schedule(steps=30, batch_size=8, lr=3e-3, warmup=5, log_every=10, replay_batch_size=2),
                    sft_per_task=40, heldout_per_task=4, heldout_file_per_task=2, validation_rows=16,
                    max_documents=4000, max_new_tokens=16)
+PRETRAIN_LOG = "pretrain_log.json"  # written next to base/ when pre-training ends; read by a resumed build
 
 
 def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, directory: Path) -> None:
@@ -71,6 +74,21 @@ def fp16_rounded(model: LlamaForCausalLM) -> None:
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.copy_(parameter.half().float())
+
+
+def load_pretrained_base(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path) -> dict:
+    """Load the base saved by an earlier, interrupted build into ``model`` and return its pre-training log.
+
+    SFT then starts from exactly the weights a fresh build would start from (the fp16-rounded base), so a resumed
+    build gives the same instruct model. The saved tokenizer must equal the one just trained, else the earlier
+    build used other data or settings.
+    """
+    if AutoTokenizer.from_pretrained(out / "base").get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"{out / 'base'} was built with another tokenizer; --resume needs the same settings")
+    model.load_state_dict(LlamaForCausalLM.from_pretrained(out / "base", dtype=torch.float32).state_dict())
+    log = json.loads((out / PRETRAIN_LOG).read_text(encoding="utf-8"))
+    print(f"[pretrain] resumed from {out / 'base'}", flush=True)
+    return {**log, "resumed": True}
 
 
 def heldout_subset(examples: list[Example], per_task: int) -> list[Example]:
@@ -135,7 +153,8 @@ def write_predictions(heldout: list[Example], answers: dict[str, list[str]], pat
 
 def collect_metrics(config: PairConfig, sources: Sources, pretraining: PretrainingData,
                     instructions: InstructionData, instruct: LlamaForCausalLM, curves: dict[str, list],
-                    validation_loss: dict[str, float], heldout_scores: dict, seconds: dict[str, float]) -> dict:
+                    resumed: bool, validation_loss: dict[str, float], heldout_scores: dict,
+                    seconds: dict[str, float]) -> dict:
     """Everything ``metrics.json`` records: configuration, data sizes, model, curves, losses, scores, times."""
     features = instructions.features
     return {
@@ -158,7 +177,7 @@ def collect_metrics(config: PairConfig, sources: Sources, pretraining: Pretraini
         "model": {"parameters": sum(p.numel() for p in instruct.parameters()), "config": asdict(config.size),
                   "vocab_size": len(pretraining.tokenizer), "tied_embeddings": True,
                   "disk_bytes": {name: folder_bytes(Path(config.out_dir) / name) for name in ("base", "instruct")}},
-        "pretrain": {"curve": curves["pretrain"], "seconds": seconds["pretrain"]},
+        "pretrain": {"curve": curves["pretrain"], "seconds": seconds["pretrain"], "resumed": resumed},
         "sft": {"curve": curves["sft"], "seconds": seconds["sft"]},
         "validation_loss": validation_loss,
         "heldout": heldout_scores,
@@ -181,12 +200,17 @@ def run(config: PairConfig) -> dict:
     seconds["data_and_tokenizer"] = time.time() - started
 
     model = build_model(tokenizer, config.size, max_positions=4 * config.seq_len, seed=config.seed)
-    tick = time.time()
-    curves = {"pretrain": train(model, pretraining_batches(pretraining.train_rows, config.pretrain.batch_size,
-                                                           config.seed), config.pretrain, "pretrain")}
-    seconds["pretrain"] = time.time() - tick
-    fp16_rounded(model)
-    save_model(model, tokenizer, out / "base")
+    if config.resume and (out / PRETRAIN_LOG).exists():
+        log = load_pretrained_base(model, tokenizer, out)
+    else:
+        tick = time.time()
+        log = {"curve": train(model, pretraining_batches(pretraining.train_rows, config.pretrain.batch_size,
+                                                         config.seed), config.pretrain, "pretrain"),
+               "seconds": time.time() - tick, "resumed": False}
+        fp16_rounded(model)
+        save_model(model, tokenizer, out / "base")
+        (out / PRETRAIN_LOG).write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8")
+    curves, seconds["pretrain"] = {"pretrain": log["curve"]}, log["seconds"]
     base = LlamaForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
 
     instructions = prepare_instructions(sources, config, rng, tokenizer)
@@ -207,10 +231,11 @@ def run(config: PairConfig) -> dict:
     write_jsonl(heldout_subset(instructions.heldout, config.heldout_file_per_task), out / "heldout_prompts.jsonl")
     write_predictions(instructions.heldout, answers, out / "eval_predictions.jsonl")
     validation_loss = {name: mean_loss(m, pretraining.validation_rows) for name, m in models.items()}
-    seconds["total"] = time.time() - started
+    seconds["total"] = time.time() - started + (seconds["pretrain"] if log["resumed"] else 0.0)
 
-    metrics = collect_metrics(config, sources, pretraining, instructions, instruct, curves, validation_loss,
-                              {name: score_answers(instructions.heldout, answers[name]) for name in answers}, seconds)
+    scores = {name: score_answers(instructions.heldout, answers[name]) for name in answers}
+    metrics = collect_metrics(config, sources, pretraining, instructions, instruct, curves, log["resumed"],
+                              validation_loss, scores, seconds)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     (out / "MODEL_CARD.md").write_text(card.render(metrics), encoding="utf-8")
     return metrics
