@@ -43,6 +43,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -59,6 +60,7 @@ from plugins.saliency.attribution import (AttributionItem, attribute, make_item,
                                           target_values)
 
 METHODS = ("reference", "captum", "inseq")
+FINAL_DATASET = Path(__file__).resolve().parents[2] / "shared" / "reference" / "datasets" / "FinalDataset.tsv"
 LABELS = {
     "tuneshift": "tuneshift `attribute` (exact)",
     "floor": "floor: min(N, M) plain forwards",
@@ -76,6 +78,7 @@ class Case:
     prompt_text: str
     full_text: str
     inseq_ok: bool  # the texts re-tokenize to exactly these ids
+    item_id: str = ""
 
 
 # ---- inputs ---------------------------------------------------------------------------------------------------
@@ -99,16 +102,21 @@ def round_trips(tok, ids: torch.Tensor) -> bool:
     return tok(tok.decode(ids), add_special_tokens=False)["input_ids"] == ids.tolist()
 
 
-def build_cases(model, tok, n_prompts: int, m: int, device: str, need_texts: bool) -> list[Case]:
-    """The first ``n_prompts`` builtin prompts (with ``need_texts``: whose texts re-tokenize to the ids)."""
+def build_cases(model, tok, n_prompts: int, m: int, device: str, need_texts: bool, args) -> list[Case]:
+    """The first ``n_prompts`` prompts of ``--data`` with at least ``--min-prompt-tokens`` tokens (with
+    ``need_texts``: whose texts re-tokenize to the ids)."""
     cases = []
-    for prompt in load_prompts("builtin"):
+    path = args.data_path if args.data == "final_dataset" else None
+    for prompt in load_prompts(args.data, path):
         enc = encode_prompt(tok, prompt, chat_template=False)  # the paper: raw prompt, BOS prepended
+        if enc.n_prompt < args.min_prompt_tokens:
+            continue
         response, ok = fixed_response(model, tok, enc.input_ids, m, device)
         if need_texts and not ok:
             continue
         item = make_item(enc.input_ids, response, enc.content_mask)
-        cases.append(Case(item, tok.decode(enc.input_ids), tok.decode(torch.cat([enc.input_ids, response])), ok))
+        cases.append(Case(item, tok.decode(enc.input_ids), tok.decode(torch.cat([enc.input_ids, response])), ok,
+                          prompt.id))
         if len(cases) == n_prompts:
             break
     return cases
@@ -203,6 +211,23 @@ def run_inseq(inseq_model, case: Case, start: int, end: int) -> torch.Tensor:
     return attr[rows].sum(-1).float().cpu()                                        # [N, steps]
 
 
+def tokenizer_without_bos(tok):
+    """``tok``, or a copy that adds no BOS itself when ``tok`` does (environment.md gotcha 9: inseq's forced
+    decoding then fails). The benchmark's texts carry BOS as text, which encodes to the same special token."""
+    if tok("a")["input_ids"][:1] != [tok.bos_token_id]:
+        return tok
+    import copy
+
+    from tokenizers import processors
+
+    plain = copy.deepcopy(tok)
+    try:
+        plain.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    except AttributeError:
+        return None
+    return plain if plain("a")["input_ids"][:1] != [tok.bos_token_id] else None
+
+
 def rel_diff(fast: torch.Tensor, ref: torch.Tensor) -> float:
     scale = float(ref.double().abs().max())
     return float((fast.double() - ref.double()).abs().max()) / scale if scale > 0 else math.nan
@@ -211,7 +236,9 @@ def rel_diff(fast: torch.Tensor, ref: torch.Tensor) -> float:
 # ---- one (model, M) setting -----------------------------------------------------------------------------------
 def bench_setting(model, tok, name: str, m: int, args, inseq_model) -> None:
     device = args.device
-    cases = build_cases(model, tok, args.prompts, m, device, need_texts=inseq_model is not None)
+    cases = build_cases(model, tok, args.prompts, m, device, inseq_model is not None, args)
+    if len(cases) < args.prompts:
+        raise SystemExit(f"only {len(cases)} prompts of {args.data} fit (--min-prompt-tokens, re-tokenization)")
     items = [c.item for c in cases]
     plans = plan_modes(items, args.mode)
     methods = [x for x in args.methods if not (x == "inseq" and inseq_model is None)]
@@ -265,7 +292,7 @@ def bench_setting(model, tok, name: str, m: int, args, inseq_model) -> None:
     n_rows = [it.n_rows for it in items]
     total_tokens = m * len(items)
     ts = timings["tuneshift"]
-    print(f"\n### {name}: {len(items)} prompts, response M = {m} tokens each, N = {n_rows} attributed prompt "
+    print(f"\n### {name}: {len(items)} {args.data} prompts (ids {[c.item_id for c in cases]}), response M = {m} tokens each, N = {n_rows} attributed prompt "
           f"tokens (prompt lengths {[it.n_prompt for it in items]}); tuneshift paths {plans}")
     print(f"\nload average {load_before} before, {load_average()} after; {args.repeats} repeats (median); "
           f"baselines on K = {len(cols)} of {m} response tokens per prompt "
@@ -303,7 +330,12 @@ def main() -> None:
     parser.add_argument("--model", nargs="+", default=None,
                         help="model paths (framework.loading forms); default: tiny pair (or tiny-random) and SmolLM2")
     parser.add_argument("--response", type=int, nargs="+", default=[64, 300], help="response lengths M")
-    parser.add_argument("--prompts", type=int, default=2, help="builtin prompts attributed")
+    parser.add_argument("--prompts", type=int, default=2, help="prompts attributed")
+    parser.add_argument("--data", default="builtin", choices=["builtin", "organism", "final_dataset"],
+                        help="prompt set (final_dataset: the paper's 632 prompts, read from --data-path)")
+    parser.add_argument("--data-path", default=str(FINAL_DATASET))
+    parser.add_argument("--min-prompt-tokens", type=int, default=0,
+                        help="skip shorter prompts (long prompts: N > M, the regime where min(N, M) = M)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline-tokens", type=int, default=8,
                         help="response tokens per prompt each baseline attributes (K), extrapolated x M / K")
@@ -330,10 +362,11 @@ def main() -> None:
         if "inseq" in args.methods:
             import inseq
 
-            inseq_model = inseq.load_model(model, "input_x_gradient", tokenizer=tok, device=args.device)
-            if tok("a")["input_ids"][:1] == [tok.bos_token_id]:  # environment.md gotcha 9
-                print(f"\n{path}: the tokenizer adds BOS itself; inseq cannot force a response there, skipped")
-                inseq_model = None
+            inseq_tok = tokenizer_without_bos(tok)
+            if inseq_tok is None:
+                print(f"\n{path}: the tokenizer adds BOS itself and it could not be switched off; inseq skipped")
+            else:
+                inseq_model = inseq.load_model(model, "input_x_gradient", tokenizer=inseq_tok, device=args.device)
         n_params = sum(p.numel() for p in model.parameters())
         for m in args.response:
             bench_setting(model, tok, f"{path} ({n_params / 1e6:.1f} M params)", m, args, inseq_model)
