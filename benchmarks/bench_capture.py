@@ -17,10 +17,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from framework.adapters import ModelAdapter  # noqa: E402
-from framework.data import left_pad  # noqa: E402
-from framework.loading import ModelSpec, load_model  # noqa: E402
-from framework.probes import Probe, ProbeRegistry  # noqa: E402
+from tuneshift.adapters import ModelAdapter  # noqa: E402
+from tuneshift.data import left_pad  # noqa: E402
+from tuneshift.loading import ModelSpec, load_model  # noqa: E402
+from tuneshift.probes import Probe, ProbeRegistry  # noqa: E402
 
 
 def _batch(tokenizer, batch: int, seq: int):

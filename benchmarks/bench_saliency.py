@@ -4,7 +4,7 @@ All methods attribute the same fixed sequences (builtin prompts, BOS excluded fr
 response generated once greedily with EOS suppressed so it has exactly M tokens), target f = p(y_m), the
 paper's quantity ``I[n, m] = <d p(y_m | x, y_<m) / d e_n, e_n>``:
 
-* **tuneshift**: :func:`plugins.saliency.attribution.attribute` (all prompts in one call, ``--mode`` auto:
+* **tuneshift**: :func:`tuneshift.attribution.attribute` (all prompts in one call, ``--mode`` auto:
   M batched VJPs or N forward-mode JVPs per prompt, whichever is cheaper).
 * **(a) reference**: the authors' algorithm: per response token, one forward over the prefix
   ``prompt + y_<m`` and one ``backward()`` with *every weight requiring grad* (parameter gradients are
@@ -54,10 +54,9 @@ import torch  # noqa: E402
 
 from benchutil import (Timing, fmt_mb, load_average, machine_line, source_state, timed,  # noqa: E402
                        tiny_pair_or_random)
-from framework.data import encode_prompt, load_prompts  # noqa: E402
-from framework.loading import ModelSpec, load_model  # noqa: E402
-from plugins.saliency.attribution import (AttributionItem, attribute, make_item, plan_modes,  # noqa: E402
-                                          target_values)
+from tuneshift.data import encode_prompt, load_prompts  # noqa: E402
+from tuneshift.loading import ModelSpec, load_model  # noqa: E402
+from tuneshift.attribution import AttributionItem, attribute, make_item, plan_modes, target_values  # noqa: E402
 
 METHODS = ("reference", "captum", "inseq")
 FINAL_DATASET = Path(__file__).resolve().parents[2] / "shared" / "reference" / "datasets" / "FinalDataset.tsv"
@@ -328,7 +327,7 @@ def bench_setting(model, tok, name: str, m: int, args, inseq_model) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", nargs="+", default=None,
-                        help="model paths (framework.loading forms); default: tiny pair (or tiny-random) and SmolLM2")
+                        help="model paths (tuneshift.loading forms); default: tiny pair (or tiny-random) and SmolLM2")
     parser.add_argument("--response", type=int, nargs="+", default=[64, 300], help="response lengths M")
     parser.add_argument("--prompts", type=int, default=2, help="prompts attributed")
     parser.add_argument("--data", default="builtin", choices=["builtin", "organism", "final_dataset"],

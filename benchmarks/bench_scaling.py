@@ -6,15 +6,15 @@ exponent ``b`` of ``time ~ size^b`` (least squares on log-log; 1 = linear, < 1 =
 
 * **saliency vs response length M** (``--lengths``, default 16/32/64) and **vs number of prompts**
   (``--prompts``, 1/2/4, M = ``--prompts-m`` = 16) on ``--saliency-model`` (default SmolLM2-135M-Instruct): tuneshift's exact
-  gradient x input (:func:`plugins.saliency.attribution.attribute`, mode auto) on fixed token ids: a prompt of
+  gradient x input (:func:`tuneshift.attribution.attribute`, mode auto) on fixed token ids: a prompt of
   ``--prompt-len`` random ids (BOS position excluded from the attributed rows) and a response of M ids.
   Exact attribution needs min(N, M) passes over N + M tokens, so at fixed N the time can grow at most about
   linearly in M; it grows linearly in the number of prompts.
 * **head relations vs word-list size** (``--words``, 2k/5k/10k/20k builtin words): static embeddings +
-  :func:`plugins.head_relations.mining.mine_model` (K = 100, every dim of every head) on ``--hr-layers``
+  :func:`tuneshift.plugins.head_relations.mining.mine_model` (K = 100, every dim of every head) on ``--hr-layers``
   evenly spaced layers of SmolLM2 (every layer costs the same; ppmi word vectors, tau set up outside the timing).
   Top-K selection is linear in the list; the K x K pair tests per dim do not depend on it.
-* **FFN concepts vs word-list size**: :func:`plugins.ffn_concepts.directions.top_words` of R = 300 principal
+* **FFN concepts vs word-list size**: :func:`tuneshift.plugins.ffn_concepts.directions.top_words` of R = 300 principal
   directions of every layer of SmolLM2 over the same word lists (linear in the list; the SVD does not depend
   on it and is reported once).
 * **model size** (parameters): tiny-random:llama (2 layers, d 64), random Llamas of 4 layers/d 256 and
@@ -43,9 +43,9 @@ import torch  # noqa: E402
 
 from benchutil import (SMOLLM2, TINY_PAIR, Timing, fmt_mb, load_average, loglog_slope, machine_line,  # noqa: E402
                        timed)
-from framework.adapters import ModelAdapter  # noqa: E402
-from framework.loading import ModelSpec, load_model  # noqa: E402
-from framework.words import load_word_list, static_embeddings  # noqa: E402
+from tuneshift.adapters import ModelAdapter  # noqa: E402
+from tuneshift.loading import ModelSpec, load_model  # noqa: E402
+from tuneshift.words import load_word_list, static_embeddings  # noqa: E402
 
 HEADER = "| {x} | wall s | CPU s | {per} | peak memory MiB above before (abs.) | notes |\n|---|---|---|---|---|---|"
 
@@ -64,7 +64,7 @@ def fit_line(name: str, sizes, timings: list[Timing]) -> str:
 def random_llama(layers: int, d: int, d_ff: int, heads: int, device: str, seed: int = 0):
     """A random Llama with the tiny tokenizer (vocab 512): the tiny-pair shapes without training."""
     import transformers
-    from framework.testing import tiny_tokenizer
+    from tuneshift.testing import tiny_tokenizer
 
     tok = tiny_tokenizer()
     cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=d, intermediate_size=d_ff,
@@ -95,7 +95,7 @@ def model_zoo(args) -> list[tuple[str, callable]]:
 
 # ---- saliency -------------------------------------------------------------------------------------------------
 def saliency_items(n_prompts: int, prompt_len: int, m: int, vocab: int, seed: int = 0):
-    from plugins.saliency.attribution import make_item
+    from tuneshift.attribution import make_item
 
     gen = torch.Generator().manual_seed(seed)
     items = []
@@ -108,7 +108,7 @@ def saliency_items(n_prompts: int, prompt_len: int, m: int, vocab: int, seed: in
 
 
 def time_saliency(model, items, args) -> Timing:
-    from plugins.saliency.attribution import attribute
+    from tuneshift.attribution import attribute
 
     t = Timing()
     attribute(model, [items[0]], target="prob")  # warm-up
@@ -118,7 +118,7 @@ def time_saliency(model, items, args) -> Timing:
 
 
 def saliency_axes(args) -> None:
-    from plugins.saliency.attribution import plan_modes
+    from tuneshift.attribution import plan_modes
 
     path = "tiny-random:llama" if args.quick else args.saliency_model
     model, tok = load_model(ModelSpec(path=path, device=args.device))
@@ -149,7 +149,7 @@ def saliency_axes(args) -> None:
 
 # ---- weight analyses ------------------------------------------------------------------------------------------
 def word_vectors(words):
-    from plugins.head_relations.similarity import make_backend, thresholds
+    from tuneshift.plugins.head_relations.similarity import make_backend, thresholds
 
     vecs = make_backend("ppmi").lookup(words)
     vectors = torch.from_numpy(vecs.vectors).double()
@@ -158,7 +158,7 @@ def word_vectors(words):
 
 
 def time_mining(adapter, tok, words, vectors, tau, layers, args) -> Timing:
-    from plugins.head_relations.mining import MiningSettings, mine_model
+    from tuneshift.plugins.head_relations.mining import MiningSettings, mine_model
 
     dev = args.device
     vectors, tau = vectors.to(dev), tau.to(dev)
@@ -175,7 +175,7 @@ def time_mining(adapter, tok, words, vectors, tau, layers, args) -> Timing:
 
 
 def time_top_words(adapter, tok, words, directions, args) -> Timing:
-    from plugins.ffn_concepts.directions import normalize_rows, top_words
+    from tuneshift.plugins.ffn_concepts.directions import normalize_rows, top_words
 
     dev = args.device
 
@@ -191,7 +191,7 @@ def time_top_words(adapter, tok, words, directions, args) -> Timing:
 
 
 def ffn_directions(adapter, rank: int, device: str):
-    from plugins.ffn_concepts.directions import principal_directions
+    from tuneshift.plugins.ffn_concepts.directions import principal_directions
 
     with torch.no_grad():
         return [principal_directions(adapter.W_down(i).to(device), rank, "eigh") for i in range(adapter.n_layers)]

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from framework.words import load_word_list
-from plugins.head_relations.similarity import make_backend, thresholds
+from tuneshift.words import load_word_list
+from tuneshift.plugins.head_relations.similarity import make_backend, thresholds
 
 WORDNET = Path("/usr/share/wordnet")
 SAMPLE_WORDS = ("write", "explain", "summarize", "translate", "code", "king", "river", "happy", "music", "doctor")

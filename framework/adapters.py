@@ -122,7 +122,7 @@ def spec_for(model_type: str) -> ArchSpec:
     raise UnsupportedArchitectureError(
         f"tuneshift has no adapter for model_type {model_type!r}. Supported: {', '.join(sorted(ARCHS))}.\n"
         "To add one, register a mapping from common names to the model's module paths, e.g.:\n"
-        "    from framework.adapters import ArchSpec, register_arch\n"
+        "    from tuneshift.adapters import ArchSpec, register_arch\n"
         f"    register_arch(ArchSpec(family={model_type!r}, model_types=({model_type!r},),\n"
         "        embed='model.embed_tokens', layers='model.layers', final_norm='model.norm', lm_head='lm_head',\n"
         "        attn='self_attn', mlp='mlp', ln1='input_layernorm', ln2='post_attention_layernorm',\n"

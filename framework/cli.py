@@ -15,15 +15,15 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from framework.config import PROJECT_ROOT, register_configs  # noqa: E402
+from tuneshift.config import register_configs  # noqa: E402
 
 register_configs()
 log = logging.getLogger("tuneshift")
 
 
-@hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://tuneshift.conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from framework.runner import run
+    from tuneshift.runner import run
 
     output_dir = HydraConfig.get().runtime.output_dir
     summary = run(cfg, output_dir)

@@ -2,21 +2,20 @@
 
 The schema ``tuneshift_schema`` is registered in Hydra's ConfigStore and sits first in ``conf/config.yaml``'s
 defaults, so every composed config is validated against it. Plugin options are validated separately
-against each plugin's own ``Options`` dataclass (``framework.plugin.build_options``), because the set of
+against each plugin's own ``Options`` dataclass (``tuneshift.plugin.build_options``), because the set of
 plugins is open.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from framework.loading import ModelSpec
+from tuneshift.loading import ModelSpec
+from tuneshift.paths import MODELS_DIR
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -80,10 +79,10 @@ class TuneshiftConfig:
 
 
 def register_configs() -> None:
-    """Register the schema and the ``project_root`` resolver (idempotent)."""
+    """Register the schema and the ``tuneshift_models`` resolver (the embedded models' folder; idempotent)."""
     ConfigStore.instance().store(name="tuneshift_schema", node=TuneshiftConfig)
-    if not OmegaConf.has_resolver("project_root"):
-        OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+    if not OmegaConf.has_resolver("tuneshift_models"):
+        OmegaConf.register_new_resolver("tuneshift_models", lambda: str(MODELS_DIR))
 
 
 def validate(cfg: Any) -> Any:

@@ -23,8 +23,9 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from tuneshift.paths import ORGANISM_PROMPTS_PATH
+
 BUILTIN_PROMPTS_PATH = Path(__file__).with_name("builtin_prompts.jsonl")
-ORGANISM_PROMPTS_PATH = Path(__file__).parent / "organism" / "heldout_prompts.jsonl"
 
 
 class DataError(ValueError):

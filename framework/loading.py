@@ -113,7 +113,7 @@ def _convert_gguf(folder: Path, file: str) -> Path:
 
 
 def _tiny_random(path: str) -> Path:
-    from framework.testing import TINY_FAMILIES, save_tiny_model
+    from tuneshift.testing import TINY_FAMILIES, save_tiny_model
 
     parts = path.split(":")
     family, seed = parts[1], int(parts[2]) if len(parts) > 2 else 0

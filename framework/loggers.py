@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from framework.results import _to_jsonable
+from tuneshift.results import _to_jsonable
 
 log = logging.getLogger("tuneshift")
 

@@ -4,7 +4,7 @@ What it is for
     A plugin is one analysis (saliency, head relations, FFN concepts, or a user's own). It subclasses
     :class:`Plugin`, overrides the hooks it needs, and is found by its ``name`` from the config.
 
-Call order (the runner, :mod:`framework.runner`, is the only caller)::
+Call order (the runner, :mod:`tuneshift.runner`, is the only caller)::
 
     setup(ctx)                                  once, all plugins, before any model is loaded
     on_run_start(ctx)
@@ -49,8 +49,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 if TYPE_CHECKING:
-    from framework.probes import Captures, Probe
-    from framework.runner import Batch, ModelRun, RunContext
+    from tuneshift.probes import Captures, Probe
+    from tuneshift.runner import Batch, ModelRun, RunContext
 
 HOOK_ORDER = ("setup", "on_run_start", "on_model_start", "probes", "on_batch", "on_model_end", "on_compare",
               "on_run_end", "teardown")
@@ -124,7 +124,7 @@ class Plugin:
 
 def available_plugins() -> list[str]:
     """Names of every registered plugin (importing :mod:`plugins` registers the built-in ones)."""
-    import plugins  # noqa: F401  (registers the built-in plugins)
+    import tuneshift.plugins  # noqa: F401  (registers the built-in plugins)
 
     return sorted(Plugin._registry)
 

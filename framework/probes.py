@@ -39,7 +39,7 @@ from typing import Literal
 import nnsight
 import torch
 
-from framework.adapters import ModelAdapter
+from tuneshift.adapters import ModelAdapter
 
 Reduce = Literal["none", "norm", "mean", "last"]
 _SITE = re.compile(r"^(embed\.output|final_norm\.output|logits|layers\.(\d+)\.(ln1\.output|attn\.output|"

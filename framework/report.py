@@ -5,7 +5,7 @@ Run report (``write_report(run_dir)``, called by the runner at the end of each r
     of each), then one section per analysis: the comparison's plots, tests and tables, its HTML views
     (embedded: ``<iframe srcdoc>``, with a selector when there are many, e.g. one page per layer), and each
     model's own results beside each other. Models outside any pair get a section each. Then example responses,
-    the precision check (``framework.precision``) when present, the timings and the resolved config.
+    the precision check (``tuneshift.plugins.saliency.precision``) when present, the timings and the resolved config.
 
     It is generic over plugins: every ``<run_dir>/<plugin>/<model>/`` (and ``<plugin>/compare/<b>__<t>/``)
     holding a ``_DONE`` marker is shown from its files: ``*.png`` (embedded as base64), ``*.html`` (embedded
@@ -35,7 +35,6 @@ import argparse
 import base64
 import datetime as _dt
 import html
-import io
 import json
 import logging
 import math
@@ -48,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from framework.results import atomic_write_bytes, atomic_write_json
+from tuneshift.results import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger("tuneshift")
 
@@ -141,7 +140,7 @@ ANALYSES: dict[str, Analysis] = {
         headline=("mean_ratio",)),
     "precision_check": Analysis(
         title="Precision check: low-precision saliency vs fp32",
-        blurb=("framework.precision re-ran the saliency attribution of a few prompts in fp32 and compared it "
+        blurb=("tuneshift.plugins.saliency.precision re-ran the saliency attribution of a few prompts in fp32 and compared it "
                "with the run's precision: the maximum relative deviation of the attribution matrices "
                "(relative to each matrix's largest magnitude), of the importance densities and prompt scores."),
         tables=(("prompts*", "Per prompt"),),
@@ -987,7 +986,7 @@ def _publish(path: Path, data: bytes) -> None:
 def write_report(run_dir: str | Path, logger: Any = None, export: bool = False) -> Path:
     """Write ``report.html`` into ``run_dir`` from what the plugins stored there; returns its path.
 
-    Never raises for bad result files (they show as notes). ``logger`` (a :class:`framework.loggers.Logger`)
+    Never raises for bad result files (they show as notes). ``logger`` (a :class:`tuneshift.loggers.Logger`)
     also gets the report (``log_html``); ``export=True`` also writes ``figures/`` (:func:`export_figures`).
     """
     run_dir = Path(run_dir)
@@ -1219,7 +1218,7 @@ except Exception:  # noqa: BLE001
 
 
 class SweepReportCallback(_HydraCallback):  # type: ignore[misc,valid-type]
-    """``hydra.callbacks.sweep_report._target_: framework.report.SweepReportCallback``: after ``tuneshift -m``,
+    """``hydra.callbacks.sweep_report._target_: tuneshift.report.SweepReportCallback``: after ``tuneshift -m``,
     write ``<hydra.sweep.dir>/sweep_report.html``. With a launcher that submits and returns (SLURM), run
     ``tuneshift-report <sweep dir>`` once the jobs are done instead."""
 

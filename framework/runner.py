@@ -9,8 +9,8 @@ done with the same fingerprint; generated responses are cached in ``responses/<m
 
 Python API::
 
-    from framework.runner import run
-    summary = run(cfg)          # cfg: a DictConfig valid against framework.config.TuneshiftConfig
+    from tuneshift.runner import run
+    summary = run(cfg)          # cfg: a DictConfig valid against tuneshift.config.TuneshiftConfig
 """
 from __future__ import annotations
 
@@ -29,13 +29,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from framework.adapters import ModelAdapter
-from framework.data import EncodedPrompt, Prompt, encode_prompt, left_pad, load_prompts
-from framework.loading import ModelSpec, load_model, torch_dtype
-from framework.loggers import Logger, build_logger
-from framework.plugin import HookTimer, Plugin, build_plugins
-from framework.probes import Captures, ProbeRegistry
-from framework.results import ResultStore, atomic_write_bytes
+from tuneshift.adapters import ModelAdapter
+from tuneshift.data import EncodedPrompt, Prompt, encode_prompt, left_pad, load_prompts
+from tuneshift.loading import ModelSpec, load_model
+from tuneshift.loggers import Logger, build_logger
+from tuneshift.plugin import HookTimer, Plugin, build_plugins
+from tuneshift.probes import Captures, ProbeRegistry
+from tuneshift.results import ResultStore, atomic_write_bytes
 
 log = logging.getLogger("tuneshift")
 
@@ -189,7 +189,7 @@ class Runner:
             self.store.update_summary("timing", {"seconds_total": time.perf_counter() - started,
                                                  "seconds_by_hook": self.timer.seconds})
             if cfg.run.report:
-                from framework.report import write_report
+                from tuneshift.report import write_report
 
                 write_report(self.output_dir, logger=logger)  # also after an error: shows what finished
             logger.finish()

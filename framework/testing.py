@@ -21,7 +21,7 @@ CHAT_TEMPLATE = (
 
 
 def _training_text() -> list[str]:
-    from framework.data import BUILTIN_PROMPTS_PATH
+    from tuneshift.data import BUILTIN_PROMPTS_PATH
 
     rows = [json.loads(line) for line in BUILTIN_PROMPTS_PATH.read_text().splitlines() if line.strip()]
     words = "the of and to in is was for on that with as by at from it an be this are or which".split()

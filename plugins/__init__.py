@@ -3,7 +3,7 @@
 A user's plugin is one module with a ``Plugin`` subclass, imported here (or by the user before the run),
 plus ``conf/plugins/<name>.yaml``.
 """
-from plugins import residual_norm  # noqa: F401
-from plugins import ffn_concepts  # noqa: F401
-from plugins import head_relations  # noqa: F401
-from plugins import saliency  # noqa: F401
+from tuneshift.plugins import residual_norm  # noqa: F401
+from tuneshift.plugins import ffn_concepts  # noqa: F401
+from tuneshift.plugins import head_relations  # noqa: F401
+from tuneshift.plugins import saliency  # noqa: F401

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from framework.plugin import Plugin
-from framework.probes import Probe
+from tuneshift.plugin import Plugin
+from tuneshift.probes import Probe
 
 
 @dataclass

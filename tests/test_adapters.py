@@ -25,9 +25,9 @@ import torch
 import transformers
 from transformers.activations import ACT2FN
 
-from framework import adapters
-from framework.adapters import ARCHS, ModelAdapter, UnsupportedArchitectureError, register_arch
-from framework.testing import TINY_FAMILIES, tiny_config, tiny_model, tiny_tokenizer
+from tuneshift import adapters
+from tuneshift.adapters import ARCHS, ModelAdapter, UnsupportedArchitectureError, register_arch
+from tuneshift.testing import TINY_FAMILIES, tiny_config, tiny_model, tiny_tokenizer
 
 B, T = 2, 12  # T > Gemma3's tiny sliding window (8)
 ATOL, RTOL = 1e-5, 1e-4

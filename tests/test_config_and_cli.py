@@ -11,11 +11,12 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from framework.config import PROJECT_ROOT, register_configs
-from framework.loading import ModelLoadError, ModelSpec, resolve_path
-from framework.plugin import build_plugins
+from tuneshift.paths import CONF_DIR
+from tuneshift.config import register_configs
+from tuneshift.loading import ModelLoadError, ModelSpec, resolve_path
+from tuneshift.plugin import build_plugins
 
-CONF = PROJECT_ROOT / "conf"
+CONF = CONF_DIR
 
 
 def _compose(*overrides: str):
@@ -64,7 +65,7 @@ def test_bad_model_paths_fail_clearly(tmp_path):
 
 def test_cli_runs_end_to_end_and_resumes(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNESHIFT_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "framework.cli", "model=tiny_random", "data=builtin", "plugins=[residual_norm]",
+    cmd = [sys.executable, "-m", "tuneshift.cli", "model=tiny_random", "data=builtin", "plugins=[residual_norm]",
            "data.limit=4",
            f"run.root={tmp_path}", "run.progress=false", "logger=wandb"]
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
@@ -82,7 +83,7 @@ def test_cli_runs_end_to_end_and_resumes(tmp_path):
 
 
 def test_cli_reports_a_typo_in_the_plugin_options(tmp_path):
-    cmd = [sys.executable, "-m", "framework.cli", "model=tiny_random", "data=builtin", "plugins=[residual_norm]",
+    cmd = [sys.executable, "-m", "tuneshift.cli", "model=tiny_random", "data=builtin", "plugins=[residual_norm]",
            "+plugins.residual_norm.colour=red",
            f"run.root={tmp_path}"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300,

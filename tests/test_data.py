@@ -9,9 +9,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from framework.data import (DataError, Prompt, encode_prompt, left_pad, load_final_dataset, load_jsonl, load_prompts,
+from tuneshift.data import (DataError, Prompt, encode_prompt, left_pad, load_final_dataset, load_jsonl, load_prompts,
                             sentence_spans, widen_to_sentences)
-from framework.testing import tiny_tokenizer
+from tuneshift.testing import tiny_tokenizer
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "datasets"
 

@@ -14,10 +14,11 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from framework.config import PROJECT_ROOT, TuneshiftConfig, register_configs
-from framework.loading import ModelSpec, torch_dtype
+from tuneshift.paths import CONF_DIR
+from tuneshift.config import TuneshiftConfig, register_configs
+from tuneshift.loading import ModelSpec, torch_dtype
 
-CONF = PROJECT_ROOT / "conf"
+CONF = CONF_DIR
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 PAPER = {"llama7b_vicuna7b": ("huggyllama/llama-7b", "lmsys/vicuna-7b-v1.1"),
@@ -59,7 +60,7 @@ def _skip_if_plugins_missing(plugins: list[str]) -> None:
 
 def validate_full(cfg) -> TuneshiftConfig:
     """Resolve every interpolation, convert to the dataclasses (type-checks every field), build the plugins."""
-    from framework.plugin import build_plugins
+    from tuneshift.plugin import build_plugins
 
     container = OmegaConf.to_container(cfg, resolve=True)
     typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TuneshiftConfig), container))

@@ -10,12 +10,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from plugins.ffn_concepts import prompts
-from plugins.ffn_concepts.annotators import (Annotation, AnnotationCache, Annotator, AnnotatorError,
+from tuneshift.plugins.ffn_concepts import prompts
+from tuneshift.plugins.ffn_concepts.annotators import (Annotation, AnnotationCache, Annotator, AnnotatorError,
                                              EndpointAnnotator, EndpointOptions, LLMJudgeAnnotator,
                                              LLMJudgeOptions, annotate_word_sets, available_annotators,
                                              build_annotator)
-from plugins.ffn_concepts.prompts import CANNOT_TELL, ParseError
+from tuneshift.plugins.ffn_concepts.prompts import CANNOT_TELL, ParseError
 
 MATH = ("equation", "integer", "fraction", "divide", "multiply", "sum", "ratio", "percent", "algebra", "matrix",
         "vector", "angle", "triangle", "river", "chair")
@@ -244,7 +244,7 @@ def test_endpoint_unparseable_reply_is_a_failed_row(fake_chat):
 
 # ---- local LLM judge ----------------------------------------------------------------------------------------
 def test_llm_judge_runs_on_a_tiny_random_model_and_records_failures(tmp_path):
-    from framework.testing import tiny_model, tiny_tokenizer
+    from tuneshift.testing import tiny_model, tiny_tokenizer
 
     judge = LLMJudgeAnnotator(LLMJudgeOptions(model_path="", max_new_tokens=4, batch_size=2),
                               model=tiny_model("llama"), tokenizer=tiny_tokenizer())

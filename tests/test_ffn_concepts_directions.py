@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from framework.adapters import ModelAdapter
-from framework.testing import tiny_model
-from plugins.ffn_concepts.directions import normalize_rows, principal_directions, top_words
+from tuneshift.adapters import ModelAdapter
+from tuneshift.testing import tiny_model
+from tuneshift.plugins.ffn_concepts.directions import normalize_rows, principal_directions, top_words
 
 FAMILIES = ("llama", "gpt2", "gpt_neox")
 

@@ -8,12 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
-from framework.adapters import ModelAdapter
-from framework.loggers import Logger
-from framework.plugin import PluginError, build_options, build_plugins
-from framework.results import ResultStore
-from framework.testing import tiny_model, tiny_tokenizer
-from plugins.ffn_concepts import FFNConceptsOptions, FFNConceptsPlugin
+from tuneshift.adapters import ModelAdapter
+from tuneshift.loggers import Logger
+from tuneshift.plugin import PluginError, build_options, build_plugins
+from tuneshift.results import ResultStore
+from tuneshift.testing import tiny_model, tiny_tokenizer
+from tuneshift.plugins.ffn_concepts import FFNConceptsOptions, FFNConceptsPlugin
 
 R = 8
 
@@ -122,13 +122,13 @@ def test_options_validation():
 
 def test_runner_end_to_end(tmp_path):
     """The real runner, tiny random Llama pair from the repo's config, weights only."""
-    pytest.importorskip("framework.runner")
+    pytest.importorskip("tuneshift.runner")
     from omegaconf import OmegaConf
 
-    from framework.config import validate
-    from framework.runner import run
+    from tuneshift.config import validate
+    from tuneshift.runner import run
 
-    model_cfg = OmegaConf.load(__import__("framework.config").config.PROJECT_ROOT / "conf/model/tiny_random.yaml")
+    model_cfg = OmegaConf.load(__import__("tuneshift.paths").paths.CONF_DIR / "model/tiny_random.yaml")
     cfg = validate({"model": OmegaConf.to_container(model_cfg), "data": {"limit": 2},
                     "run": {"name": "t", "root": str(tmp_path), "progress": False, "report": False},
                     "logger": {"kind": "local"},

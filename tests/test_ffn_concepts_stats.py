@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from plugins.ffn_concepts.stats import (ALL, best_match, group_label, jaccard_rows, principal_angles,
+from tuneshift.plugins.ffn_concepts.stats import (ALL, best_match, group_label, jaccard_rows, principal_angles,
                                         rotation_layer, shares, student_t, ttests, word_ids)
 
 E = torch.eye(6)

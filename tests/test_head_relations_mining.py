@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from framework.adapters import ModelAdapter
-from framework.testing import tiny_model, tiny_tokenizer
-from framework.words import load_word_list, static_embeddings
-from plugins.head_relations.mining import (MiningSettings, head_knowledge, mine_layer, mine_model, rope_cos_sin,
+from tuneshift.adapters import ModelAdapter
+from tuneshift.testing import tiny_model, tiny_tokenizer
+from tuneshift.words import load_word_list, static_embeddings
+from tuneshift.plugins.head_relations.mining import (MiningSettings, head_knowledge, mine_layer, mine_model, rope_cos_sin,
                                            rotate)
-from plugins.head_relations.reference import naive_layer, naive_tau
-from plugins.head_relations.similarity import thresholds
+from tuneshift.plugins.head_relations.reference import naive_layer, naive_tau
+from tuneshift.plugins.head_relations.similarity import thresholds
 
 N_WORDS, N_BASE, DIM, K = 160, 60, 5, 12
 
@@ -79,7 +79,7 @@ def test_top_n_dims_and_gqa_sharing():
 
 
 def test_head_chunks_keep_gqa_groups_whole_and_even():
-    from plugins.head_relations.mining import head_chunks
+    from tuneshift.plugins.head_relations.mining import head_chunks
 
     assert head_chunks(9, 3, 8) == [range(0, 6), range(6, 9)]  # SmolLM2: 9 heads over 3 kv heads
     assert head_chunks(9, 3, 16) == [range(0, 9)]
@@ -189,7 +189,7 @@ def test_head_knowledge_counts_dims_not_directions():
 
 
 def test_top_words_breaks_ties_by_word_id():
-    from plugins.head_relations.mining import top_words
+    from tuneshift.plugins.head_relations.mining import top_words
 
     gen = torch.Generator().manual_seed(0)
     values = torch.randint(-4, 5, (50, 30), generator=gen).float()  # many exact ties, also at the k-th place
@@ -201,7 +201,7 @@ def test_top_words_breaks_ties_by_word_id():
 
 
 def test_pair_order_ties_within_tolerance_go_by_place():
-    from plugins.head_relations.mining import order_pairs
+    from tuneshift.plugins.head_relations.mining import order_pairs
 
     head = np.zeros(5, np.int64)
     rank = np.array([1, 1, 1, 1, 2])

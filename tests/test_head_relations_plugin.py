@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from framework.config import validate
-from framework.plugin import PluginError, build_plugins
-from framework.runner import run
-from framework.words import load_word_list
-from plugins.head_relations import HeadRelationsPlugin
+from tuneshift.config import validate
+from tuneshift.plugin import PluginError, build_plugins
+from tuneshift.runner import run
+from tuneshift.words import load_word_list
+from tuneshift.plugins.head_relations import HeadRelationsPlugin
 
 
 def _glove(tmp_path, n_words=1500, dim=6):

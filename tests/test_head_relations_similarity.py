@@ -8,8 +8,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from plugins.head_relations import corpus, similarity
-from plugins.head_relations.similarity import (PPMIBackend, PPMIParams, WordVectors, available_backends,
+from tuneshift.plugins.head_relations import corpus, similarity
+from tuneshift.plugins.head_relations.similarity import (PPMIBackend, PPMIParams, WordVectors, available_backends,
                                                count_cooccurrences, make_backend, ppmi_matrix, randomized_svd,
                                                read_vector_file, thresholds)
 

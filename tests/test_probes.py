@@ -6,10 +6,10 @@ import gc
 import pytest
 import torch
 
-from framework.adapters import ModelAdapter
-from framework.data import left_pad
-from framework.probes import Probe, ProbeError, ProbeRegistry, all_sites
-from framework.testing import tiny_model, tiny_tokenizer
+from tuneshift.adapters import ModelAdapter
+from tuneshift.data import left_pad
+from tuneshift.probes import Probe, ProbeError, ProbeRegistry, all_sites
+from tuneshift.testing import tiny_model, tiny_tokenizer
 
 
 def _setup(family: str):

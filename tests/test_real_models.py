@@ -14,11 +14,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from framework.config import validate
-from framework.data import encode_prompt, load_prompts
-from framework.loading import ModelSpec, load_model
-from framework.results import ResultStore
-from framework.runner import run
+from tuneshift.config import validate
+from tuneshift.data import encode_prompt, load_prompts
+from tuneshift.loading import ModelSpec, load_model
+from tuneshift.results import ResultStore
+from tuneshift.runner import run
 
 pytestmark = pytest.mark.slow
 

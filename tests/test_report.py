@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from framework.report import (build_report_html, export_figures, flatten, headline_metrics, main,
+from tuneshift.report import (build_report_html, export_figures, flatten, headline_metrics, main,
                               write_report, write_sweep_report)
-from framework.results import ResultStore
+from tuneshift.results import ResultStore
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
                 None)
@@ -296,8 +296,8 @@ def test_synthetic_report_renders_in_chromium(tmp_path):
 
 
 def _small_run(tmp_path: Path, plugins: dict) -> Path:
-    from framework.config import validate
-    from framework.runner import run
+    from tuneshift.config import validate
+    from tuneshift.runner import run
 
     cfg = validate({"model": {"name": "tiny_random", "models": {
         "base": {"name": "tiny-base", "path": "tiny-random:llama:0"},
@@ -325,12 +325,12 @@ def test_real_small_run_report_renders_in_chromium(tmp_path):
 @needs_chromium
 def test_real_run_with_the_analyses_renders_in_chromium(tmp_path):
     """The same with every one of the three analyses that is available: a section each, no broken piece."""
-    from framework.plugin import available_plugins
+    from tuneshift.plugin import available_plugins
 
-    from framework.config import PROJECT_ROOT
+    from tuneshift.paths import CONF_DIR
 
     names = [p for p in ("saliency", "head_relations", "ffn_concepts")
-             if p in available_plugins() and (PROJECT_ROOT / "conf" / "plugins" / f"{p}.yaml").is_file()]
+             if p in available_plugins() and (CONF_DIR / "plugins" / f"{p}.yaml").is_file()]
     if not names:
         pytest.skip("none of the three analysis plugins is registered yet")
     report = _small_run(tmp_path, {name: {} for name in names})

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from framework import results
-from framework.loggers import build_logger
-from framework.results import ResultStore
+from tuneshift import results
+from tuneshift.loggers import build_logger
+from tuneshift.results import ResultStore
 
 
 def test_store_round_trips_and_marks_done(tmp_path):

@@ -8,11 +8,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from framework.config import validate
-from framework.plugin import HOOK_ORDER, Plugin, PluginError, build_plugins
-from framework.probes import Probe
-from framework.results import ResultStore
-from framework.runner import run
+from tuneshift.config import validate
+from tuneshift.plugin import HOOK_ORDER, Plugin, PluginError, build_plugins
+from tuneshift.probes import Probe
+from tuneshift.results import ResultStore
+from tuneshift.runner import run
 
 CALLS: list[tuple] = []
 FAIL_ON_MODEL = {"key": ""}  # simulates a crash without changing the plugin's options (its fingerprint)
@@ -125,9 +125,9 @@ def test_unknown_plugin_and_bad_options_fail_clearly():
 
 def test_example_plugin_matches_a_plain_forward(tmp_path):
     """residual_norm's per-layer mean norm equals a hand loop over a plain transformers forward."""
-    from framework.adapters import ModelAdapter
-    from framework.data import encode_prompt, load_prompts
-    from framework.loading import ModelSpec, load_model
+    from tuneshift.adapters import ModelAdapter
+    from tuneshift.data import encode_prompt, load_prompts
+    from tuneshift.loading import ModelSpec, load_model
 
     cfg = _cfg(tmp_path, {"residual_norm": {}})
     cfg.model.pairs = []

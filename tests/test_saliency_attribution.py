@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from framework.testing import tiny_model
-from plugins.saliency.attribution import (AttributionError, attribute, chunk_size, head_logits, make_item,
-                                          model_body, naive_attribution, plan_modes, sliding_window,
-                                          target_values)
+from tuneshift.testing import tiny_model
+from tuneshift.attribution import (AttributionError, attribute, head_logits, make_item, model_body,
+                                   naive_attribution, plan_modes, sliding_window, target_values)
+from tuneshift.attribution.passes import chunk_size
 
 # (prompt length, response length): a left-padded batch of unequal prompts and responses, one response of
 # a single token, one prompt longer than its response and one shorter
@@ -179,7 +179,7 @@ def test_bad_inputs_fail_clearly(models):
 
 
 def test_prompts_share_passes_only_when_padding_is_cheap():
-    from plugins.saliency.attribution import _groups
+    from tuneshift.attribution.plan import prompt_groups as _groups
 
     same = [make_item(torch.arange(5, 15), torch.arange(5, 13)) for _ in range(3)]
     assert list(_groups("vjp", [0, 1, 2], same, 8, 10**6)) == [[0, 1, 2]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from plugins.saliency.density import (decile_profile, density, normalise, normalised_density, prompt_score,
+from tuneshift.plugins.saliency.density import (decile_profile, density, normalise, normalised_density, prompt_score,
                                       score_matrix, threshold)
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from framework.data import Prompt, load_final_dataset
-from plugins.saliency.paper import (PaperDataError, UnsafePickleError, instruction_mask, load_attribution,
+from tuneshift.data import Prompt, load_final_dataset
+from tuneshift.plugins.saliency.paper import (PaperDataError, UnsafePickleError, instruction_mask, load_attribution,
                                     load_ratings, main, paper_tables, pieces_to_text, restricted_load,
                                     score_reference)
 

@@ -8,16 +8,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from framework.config import validate
-from framework.data import encode_prompt, load_prompts
-from framework.loading import ModelSpec, load_model
-from framework.plugin import PluginError, build_plugins
-from framework.results import ResultStore
-from framework.runner import run
-from plugins.saliency import SaliencyPlugin
-from plugins.saliency.attribution import make_item, naive_attribution
-from plugins.saliency.density import density, normalise, prompt_score, threshold
-from plugins.saliency.views import PromptView, examples_html
+from tuneshift.config import validate
+from tuneshift.data import encode_prompt, load_prompts
+from tuneshift.loading import ModelSpec, load_model
+from tuneshift.plugin import PluginError, build_plugins
+from tuneshift.results import ResultStore
+from tuneshift.runner import run
+from tuneshift.plugins.saliency import SaliencyPlugin
+from tuneshift.attribution import make_item, naive_attribution
+from tuneshift.plugins.saliency.density import density, normalise, prompt_score, threshold
+from tuneshift.plugins.saliency.views import PromptView, examples_html
 
 
 @pytest.fixture(autouse=True)
@@ -130,8 +130,8 @@ def test_examples_html_is_self_contained_and_marks_instructions():
 
 
 def test_token_strings_keep_spaces_and_split_characters():
-    from framework.testing import tiny_tokenizer
-    from plugins.saliency.views import token_strings
+    from tuneshift.testing import tiny_tokenizer
+    from tuneshift.plugins.saliency.views import token_strings
 
     tok = tiny_tokenizer()
     text = "Write a poem,\n  about caf\u00e9 \u2603"

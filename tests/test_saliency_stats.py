@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from plugins.saliency.stats import decile_table, table1, table2, welch_less
+from tuneshift.plugins.saliency.stats import decile_table, table1, table2, welch_less
 
 
 def _welch_by_formula(x, y) -> float:

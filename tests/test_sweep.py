@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from framework.config import PROJECT_ROOT
 
 FLAKY = """name: flaky_gpt2
 models:
@@ -32,7 +31,7 @@ pairs: [[base, tuned]]
 
 def _tuneshift(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", HYDRA_FULL_ERROR="0")
-    return subprocess.run([sys.executable, "-m", "framework.cli", *args], cwd=PROJECT_ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "tuneshift.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
 

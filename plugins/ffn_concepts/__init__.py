@@ -1,7 +1,7 @@
 """Method C: principal directions of the FFN value vectors, their words and concepts, base vs tuned.
 
-See :mod:`plugins.ffn_concepts.plugin` for the outputs and ``docs/plugins/ffn_concepts.md`` for usage.
+See :mod:`tuneshift.plugins.ffn_concepts.plugin` for the outputs and ``docs/plugins/ffn_concepts.md`` for usage.
 """
-from plugins.ffn_concepts.plugin import FFNConceptsOptions, FFNConceptsPlugin
+from tuneshift.plugins.ffn_concepts.plugin import FFNConceptsOptions, FFNConceptsPlugin
 
 __all__ = ["FFNConceptsOptions", "FFNConceptsPlugin"]

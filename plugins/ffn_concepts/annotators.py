@@ -4,11 +4,11 @@ An annotator turns the top words of one direction and a seed into an :class:`Ann
 "cannot tell", assistant tasks, linguistic level). Built-in ids (:func:`available_annotators`):
 
 - ``offline`` (default): deterministic rules over shipped word lists and a WordNet digest
-  (:mod:`plugins.ffn_concepts.offline`). Its seeds are honest resamples: seed s labels a deterministic
+  (:mod:`tuneshift.plugins.ffn_concepts.offline`). Its seeds are honest resamples: seed s labels a deterministic
   random subset (``subsample`` of the words, default 80%, drawn by a generator seeded with s and the word
   set), so seeds can disagree where a concept holds for only about half of the words.
 - ``llm_judge``: a local chat model through transformers with the few-shot prompts of
-  :mod:`plugins.ffn_concepts.prompts`; step 1 sampled at ``temperature`` (1.0), steps 2-3 greedy.
+  :mod:`tuneshift.plugins.ffn_concepts.prompts`; step 1 sampled at ``temperature`` (1.0), steps 2-3 greedy.
 - ``endpoint``: an OpenAI-compatible ``/chat/completions`` server (URL, key, model in the options), with a
   timeout per call and a bounded number of retries with exponential backoff.
 
@@ -39,9 +39,9 @@ import numpy as np
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from plugins.ffn_concepts import prompts
-from plugins.ffn_concepts.offline import label_words, load_lexicon
-from plugins.ffn_concepts.prompts import CANNOT_TELL, ParseError
+from tuneshift.plugins.ffn_concepts import prompts
+from tuneshift.plugins.ffn_concepts.offline import label_words, load_lexicon
+from tuneshift.plugins.ffn_concepts.prompts import CANNOT_TELL, ParseError
 
 OK, FAILED = "ok", "failed"
 
@@ -261,7 +261,7 @@ class OfflineOptions:
 
 
 class OfflineAnnotator(Annotator):
-    """Deterministic rules over shipped word lists (see :mod:`plugins.ffn_concepts.offline`)."""
+    """Deterministic rules over shipped word lists (see :mod:`tuneshift.plugins.ffn_concepts.offline`)."""
 
     id = "offline"
     Options = OfflineOptions

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from plugins.ffn_concepts.prompts import CANNOT_TELL, NO_TASK, TASKS
+from tuneshift.plugins.ffn_concepts.prompts import CANNOT_TELL, NO_TASK, TASKS
 
 RESOURCES = Path(__file__).parent / "resources"
 

@@ -24,11 +24,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from framework.plugin import Plugin
-from framework.words import load_word_list, static_embeddings
-from plugins.ffn_concepts import stats, views
-from plugins.ffn_concepts.annotators import Annotator, annotate_word_sets, AnnotationCache, build_annotator
-from plugins.ffn_concepts.directions import SVD_METHODS, normalize_rows, principal_directions, top_words
+from tuneshift.plugin import Plugin
+from tuneshift.words import load_word_list, static_embeddings
+from tuneshift.plugins.ffn_concepts import stats, views
+from tuneshift.plugins.ffn_concepts.annotators import Annotator, annotate_word_sets, AnnotationCache, build_annotator
+from tuneshift.plugins.ffn_concepts.directions import SVD_METHODS, normalize_rows, principal_directions, top_words
 
 
 @dataclass

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from scipy import stats as sps
 
-from plugins.ffn_concepts.prompts import CANNOT_TELL, LEVELS
+from tuneshift.plugins.ffn_concepts.prompts import CANNOT_TELL, LEVELS
 
 TASK_CATEGORIES = ("writing", "math", "coding", "translation", "none")
 ALL = "all"

@@ -4,6 +4,6 @@ Modules: :mod:`.mining` (the vectorised core), :mod:`.similarity` (word-vector b
 :mod:`.corpus` (the offline corpus of the ``ppmi`` backend), :mod:`.verbs` (instruction vs general verbs),
 :mod:`.views` (HTML and plots), :mod:`.plugin` (the glue to the runner).
 """
-from plugins.head_relations.plugin import HeadRelationsOptions, HeadRelationsPlugin
+from tuneshift.plugins.head_relations.plugin import HeadRelationsOptions, HeadRelationsPlugin
 
 __all__ = ["HeadRelationsOptions", "HeadRelationsPlugin"]

@@ -9,7 +9,7 @@ Three sources that install without any download at run time (see ``docs/environm
 
 A document is a wiki summary, a fortune or a gloss; co-occurrence windows never cross documents.
 Tokens are lower-cased runs of letters with inner apostrophes or hyphens (``don't``, ``well-known``),
-the same shape as the words of :mod:`framework.words`.
+the same shape as the words of :mod:`tuneshift.words`.
 """
 from __future__ import annotations
 

@@ -30,11 +30,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from framework.plugin import Plugin
-from framework.words import load_word_list, static_embeddings
-from plugins.head_relations import verbs, views
-from plugins.head_relations.mining import LayerResult, MiningSettings, head_knowledge, mine_model
-from plugins.head_relations.similarity import DEFAULT_CACHE_DIR, available_backends, make_backend, thresholds
+from tuneshift.plugin import Plugin
+from tuneshift.words import load_word_list, static_embeddings
+from tuneshift.plugins.head_relations import verbs, views
+from tuneshift.plugins.head_relations.mining import LayerResult, MiningSettings, head_knowledge, mine_model
+from tuneshift.plugins.head_relations.similarity import DEFAULT_CACHE_DIR, available_backends, make_backend, thresholds
 
 
 @dataclass

@@ -6,7 +6,7 @@
 - :func:`loop_head`: one head the way the paper's code is organised (a matmul per head, a full sort of the
   vocabulary per dim, a Python loop over the K x K pairs of each dim): a fairer speed baseline.
 
-Both share the tie rules of :mod:`plugins.head_relations.mining`: dims by energy then index, words by
+Both share the tie rules of :mod:`tuneshift.plugins.head_relations.mining`: dims by energy then index, words by
 magnitude then id, pairs by similarity (within ``SIM_TIE``) then their place ``i*K + c`` in ``T_q x T_k``.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from plugins.head_relations.mining import SIM_TIE, rotate
+from tuneshift.plugins.head_relations.mining import SIM_TIE, rotate
 
 
 def _tie_by_place(found: list[tuple[float, int, int, int]]) -> list[tuple[float, int, int, int]]:

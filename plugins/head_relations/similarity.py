@@ -9,7 +9,7 @@ Backends (a string-keyed registry, inseq style; ``available_backends()`` lists t
     ``glove``  word vectors from a GloVe or word2vec **text** file given by path (``.txt`` or ``.txt.gz``;
                a word2vec ``N D`` header line is skipped). Only the rows of the requested words are kept.
     ``ppmi``   the offline default: vectors learnt from co-occurrence counts over the offline English corpus
-               of :mod:`plugins.head_relations.corpus` (positive PMI with context-distribution smoothing,
+               of :mod:`tuneshift.plugins.head_relations.corpus` (positive PMI with context-distribution smoothing,
                then a randomized truncated SVD), built once and cached on disk under ``cache_dir``, keyed
                by a hash of the corpus bytes and every parameter.
 
@@ -45,7 +45,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from plugins.head_relations import corpus
+from tuneshift.plugins.head_relations import corpus
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +332,7 @@ class PPMIBackend(SimilarityBackend):
                     words, matrix = str(data["vocab"]).split("\n"), data["vectors"]
             else:
                 words, matrix = build_ppmi_vectors(self.params)
-                from framework.results import atomic_write_bytes
+                from tuneshift.results import atomic_write_bytes
 
                 buffer = io.BytesIO()
                 np.savez(buffer, vocab=np.array("\n".join(words)), vectors=matrix.astype(np.float32))

@@ -14,7 +14,7 @@ General verbs
     instruction verbs removed, the 3,000 most frequent by ``wordfreq`` (ties by the word). A frozen list ships
     in ``resources/general_verbs.tsv``; rebuild it (needs ``wordfreq`` and Debian ``wordnet-base``) with::
 
-        python -m plugins.head_relations.verbs --build [--wordnet-dir /usr/share/wordnet] [--n 3000]
+        python -m tuneshift.plugins.head_relations.verbs --build [--wordnet-dir /usr/share/wordnet] [--n 3000]
 """
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ def _main() -> None:
     verbs = build_general_verbs(args.n, args.wordnet_dir)
     header = ("# General verbs (method B.6): WordNet verbs with a usage example, first lemma lower-cased, stop "
               "words and the 38 instruction verbs removed,\n# the most frequent by wordfreq (ties by word). "
-              "Built by: python -m plugins.head_relations.verbs --build\n")
+              "Built by: python -m tuneshift.plugins.head_relations.verbs --build\n")
     Path(args.out).write_text(header + "".join(f"{v}\t{f:.3e}\n" for v, f in verbs), encoding="utf-8")
     print(f"wrote {len(verbs)} verbs to {args.out}")
 

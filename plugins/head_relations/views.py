@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from framework.results import atomic_write_bytes
+from tuneshift.results import atomic_write_bytes
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}

@@ -9,6 +9,6 @@ Modules, one job each:
 - :mod:`.views`        self-contained HTML views and matplotlib plots
 - :mod:`.plugin`       :class:`SaliencyPlugin`, the runner glue
 """
-from plugins.saliency.plugin import SaliencyOptions, SaliencyPlugin
+from tuneshift.plugins.saliency.plugin import SaliencyOptions, SaliencyPlugin
 
 __all__ = ["SaliencyOptions", "SaliencyPlugin"]

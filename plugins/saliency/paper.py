@@ -13,7 +13,7 @@ re-thresholded here (b = 7), never normalised again.
 Pickles can run code when loaded, so :class:`RestrictedUnpickler` accepts builtin containers and scalars
 and numpy arrays only, and refuses everything else with :class:`UnsafePickleError`.
 
-Instruction tokens: each prompt's annotated instruction sentences (``framework.data.load_final_dataset``,
+Instruction tokens: each prompt's annotated instruction sentences (``tuneshift.data.load_final_dataset``,
 spans widened to whole sentences) are matched onto the pieces on character offsets: the pieces are turned
 back into text (``▁`` is a space, ``<0xHH>`` a byte) with each piece's character span.
 """
@@ -34,9 +34,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from framework.data import DataError, Prompt, load_final_dataset
-from plugins.saliency import density as dens
-from plugins.saliency import stats
+from tuneshift.data import DataError, Prompt, load_final_dataset
+from tuneshift.plugins.saliency import density as dens
+from tuneshift.plugins.saliency import stats
 
 BASE_DIR = "ifa_llama_7b"        # LLaMA-7B
 TUNED_DIR = "ifa_vicuna_7b"      # Vicuna-7B v1.1
@@ -340,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(deciles.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         payload["deciles"] = deciles.to_dict(orient="list")
     if args.plots is not None:
-        from plugins.saliency import views
+        from tuneshift.plugins.saliency import views
 
         views.score_distribution_png(args.plots / "score_distribution.png", {"LLaMA-7B": base, "Vicuna-7B": tuned},
                                      f"instruction scores from the released attributions (b = {args.b:g})")
@@ -348,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   deciles.rename(columns={"base": "LLaMA-7B", "tuned": "Vicuna-7B"}),
                                   "importance density over relative prompt position")
     if args.out is not None:
-        from framework.results import atomic_write_json
+        from tuneshift.results import atomic_write_json
 
         atomic_write_json(Path(args.out), payload)
     return 0

@@ -30,15 +30,15 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 import pandas as pd
 
-from framework.data import encode_prompt
-from framework.plugin import Plugin, PluginError
-from plugins.saliency import density as dens
-from plugins.saliency import stats, views
-from plugins.saliency.attribution import MODES, TARGETS, attribute, make_item, plan_modes
+from tuneshift.data import encode_prompt
+from tuneshift.plugin import Plugin, PluginError
+from tuneshift.plugins.saliency import density as dens
+from tuneshift.plugins.saliency import stats, views
+from tuneshift.attribution import MODES, TARGETS, attribute, make_item, plan_modes
 
 if TYPE_CHECKING:
-    from framework.data import EncodedPrompt
-    from framework.runner import ModelRun, RunContext
+    from tuneshift.data import EncodedPrompt
+    from tuneshift.runner import ModelRun, RunContext
 
 
 @dataclass
@@ -82,7 +82,7 @@ class SaliencyPlugin(Plugin):
         if o.max_new_tokens is not None and o.max_new_tokens < 1:
             raise PluginError("saliency.max_new_tokens must be positive or null")
         if o.ratings:
-            from plugins.saliency.paper import load_ratings
+            from tuneshift.plugins.saliency.paper import load_ratings
 
             self._ratings = load_ratings(o.ratings, o.ratings_model or None)
         else:
@@ -99,7 +99,7 @@ class SaliencyPlugin(Plugin):
                 all(e.response_ids is not None for e in run.encoded):
             encoded = run.encoded  # greedy: a shorter generation is a prefix of the run's own
         else:
-            from framework.runner import generate_responses
+            from tuneshift.runner import generate_responses
 
             own = dataclasses.replace(run, chat_template=chat,
                                       encoded=[encode_prompt(run.tokenizer, p, chat) for p in ctx.prompts])

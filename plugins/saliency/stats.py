@@ -73,7 +73,7 @@ def table2(base: pd.DataFrame, tuned: pd.DataFrame) -> dict:
 def decile_table(profiles: dict[str, np.ndarray]) -> pd.DataFrame:
     """Mean normalised density per relative-position decile (A.7), one column per model.
 
-    ``profiles[model]`` is ``[n_prompts, bins]`` (rows from :func:`plugins.saliency.density.decile_profile`);
+    ``profiles[model]`` is ``[n_prompts, bins]`` (rows from :func:`tuneshift.plugins.saliency.density.decile_profile`);
     each bin averages over the prompts that have a token in it. Returns columns ``decile`` and one per model.
     """
     frame = {}

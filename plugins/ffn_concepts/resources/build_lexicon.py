@@ -2,7 +2,7 @@
 
 Run once by a maintainer (the output ships with tuneshift, so annotation never depends on the machine)::
 
-    python -m plugins.ffn_concepts.resources.build_lexicon /usr/share/wordnet
+    python -m tuneshift.plugins.ffn_concepts.resources.build_lexicon /usr/share/wordnet
 
 For each word of the builtin word list (``framework/resources/words_en.tsv``) it writes one line::
 

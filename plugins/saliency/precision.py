@@ -4,7 +4,7 @@ Large models are often run in bf16 or fp16 (half the memory and time of fp32, th
 saliency analysis differentiates through the whole model, where low precision matters most. This check
 takes a few prompts with their responses (the run's own, from ``responses/<model>.jsonl``, so both precisions
 attribute the same tokens), computes the gradient x input matrices ``I[n, m]`` (methods.md A.1, with the
-saliency plugin's :func:`plugins.saliency.attribution.attribute`) once in the run's dtype and once in fp32,
+saliency plugin's :func:`tuneshift.attribution.attribute`) once in the run's dtype and once in fp32,
 and reports per prompt and overall:
 
 - ``max_rel_dev``: ``max |I_low - I_fp32| / max |I_fp32|`` (the deviation relative to the matrix's scale;
@@ -17,12 +17,12 @@ and reports per prompt and overall:
 ``passed`` is ``max_rel_dev <= tolerance`` (default 0.05). Results go to ``<run_dir>/precision_check/<model>/``
 (``summary.json``, ``prompts.parquet``), which the run report shows.
 
-    python -m framework.precision outputs/qwen25_7b_instruct-final_dataset --model tuned --prompts 4
-    python -m framework.precision --path Qwen/Qwen2.5-7B-Instruct --dtype bfloat16 --chat-template --prompts 4
+    python -m tuneshift.plugins.saliency.precision outputs/qwen25_7b_instruct-final_dataset --model tuned --prompts 4
+    python -m tuneshift.plugins.saliency.precision --path Qwen/Qwen2.5-7B-Instruct --dtype bfloat16 --chat-template --prompts 4
 
 Python::
 
-    from framework.precision import check_run, check_saliency_precision
+    from tuneshift.plugins.saliency.precision import check_run, check_saliency_precision
     result = check_run("outputs/my-run", model_key="tuned", n_prompts=4)
     print(result.max_rel_dev, result.passed)
 """
@@ -36,12 +36,12 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
-from framework.data import EncodedPrompt, Prompt, encode_prompt, load_prompts
-from framework.loading import ModelSpec, load_model
+from tuneshift.data import EncodedPrompt, Prompt, encode_prompt, load_prompts
+from tuneshift.loading import ModelSpec, load_model
 
 PLUGIN_DIR = "precision_check"  # results dir name inside a run dir (shown by the report)
 
@@ -94,7 +94,7 @@ def prompt_score(attribution: torch.Tensor, instruction_rows: torch.Tensor, thre
 
 def _attribute(model, items, target: str) -> list[torch.Tensor]:
     try:
-        from plugins.saliency.attribution import attribute
+        from tuneshift.attribution import attribute
     except ImportError:  # the plugin's module moved: the slow reference still answers the question
         return [_naive(model, it, target) for it in items]
     return attribute(model, items, target=target)
@@ -131,8 +131,8 @@ def _free() -> None:
 
 
 def _generate(model, tokenizer, encoded: list[EncodedPrompt], max_new_tokens: int) -> None:
-    from framework.adapters import ModelAdapter
-    from framework.runner import ModelRun, generate_responses
+    from tuneshift.adapters import ModelAdapter
+    from tuneshift.runner import ModelRun, generate_responses
 
     run = ModelRun("check", "check", ModelSpec(), model, tokenizer, ModelAdapter(model), False, encoded)
     generate_responses(run, max_new_tokens, batch_size=max(1, len(encoded)), progress=False)
@@ -148,7 +148,7 @@ def check_saliency_precision(spec: ModelSpec, prompts: Sequence[Prompt], *, dtyp
     greedily (``max_new_tokens``), so both precisions attribute the same tokens either way. One model is in
     memory at a time.
     """
-    from plugins.saliency.attribution import make_item
+    from tuneshift.attribution import make_item
 
     dtype = dtype or spec.dtype
     chat = spec.chat_template if chat_template is None else chat_template
@@ -237,7 +237,7 @@ def check_run(run_dir: str | Path, model_key: str = "tuned", n_prompts: int = 4,
     if write:
         import pandas as pd
 
-        from framework.results import ResultStore
+        from tuneshift.results import ResultStore
 
         store = ResultStore(run_dir)
         store.save_json(PLUGIN_DIR, model_key, "summary", result.summary())
@@ -245,7 +245,7 @@ def check_run(run_dir: str | Path, model_key: str = "tuned", n_prompts: int = 4,
         store.mark_done(PLUGIN_DIR, model_key, f"{result.dtype}-vs-{result.reference_dtype}")
         store.update_summary(PLUGIN_DIR, {model_key: result.summary()})
         try:
-            from framework.report import write_report
+            from tuneshift.report import write_report
 
             write_report(run_dir)
         except Exception:  # noqa: BLE001 - the check's numbers are on disk already
@@ -254,7 +254,7 @@ def check_run(run_dir: str | Path, model_key: str = "tuned", n_prompts: int = 4,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m framework.precision",
+    parser = argparse.ArgumentParser(prog="python -m tuneshift.plugins.saliency.precision",
                                      description="Re-run the saliency attribution of a few prompts in fp32 and "
                                                  "report the largest relative deviation of the low-precision run.")
     parser.add_argument("run_dir", nargs="?", type=Path, help="a tuneshift run dir (reads its config and responses)")

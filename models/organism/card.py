@@ -86,7 +86,7 @@ A "model organism" for tuneshift: `base/` is a {model['parameters'] / 1e6:.2f} M
 scratch on plain English text; `instruct/` is that same base after supervised fine-tuning (SFT) on ten
 checkable instruction tasks. SFT started from exactly the published fp16 base weights, so every difference
 between the two folders comes from instruction tuning. Built by `tuneshift-train-pair` / `python -m
-framework.organism` (`framework/organism/`), seed {config['seed']}, {metrics['environment']['threads']} CPU threads,
+tuneshift.models.organism` (`framework/organism/`), seed {config['seed']}, {metrics['environment']['threads']} CPU threads,
 torch {metrics['environment']['torch']}, transformers {metrics['environment']['transformers']}.
 
 ## Data
@@ -139,7 +139,7 @@ token F1 (for the recall tasks, whose exact wording a model this size rarely rep
 ## Files and rebuilding
 `base/`, `instruct/` (config, fp16 `model.safetensors`, tokenizer, chat template), `metrics.json` (configuration,
 data sizes, loss curves, validation losses, per-task scores), `heldout_prompts.jsonl`, `eval_predictions.jsonl`.
-Rebuild with `tuneshift-train-pair --out DIR --seed {config['seed']}` (or `python -m framework.organism`); `--smoke`
+Rebuild with `tuneshift-train-pair --out DIR --seed {config['seed']}` (or `python -m tuneshift.models.organism`); `--smoke`
 runs the whole recipe at toy scale in seconds. With the same seed and thread count the build is deterministic:
 two independent builds on this machine gave byte-identical `base/model.safetensors` and `tokenizer.json`.
 Wall times above were measured while other jobs shared the two cores, so an idle machine is faster.

@@ -8,7 +8,7 @@ Three sources are installed on the machine (see ``docs/environment.md`` §2.1 an
 - the Debian ``wordnet-base`` database (synsets with lemmas, a gloss and usage examples).
 
 The same records feed both the pre-training text (:func:`pretraining_documents`) and the instruction tasks
-(:mod:`framework.organism.tasks`), so what the tuned model is asked about was seen as plain text before.
+(:mod:`tuneshift.models.organism.tasks`), so what the tuned model is asked about was seen as plain text before.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Command line of the organism build: ``tuneshift-train-pair`` or ``python -m framework.organism``."""
+"""Command line of the organism build: ``tuneshift-train-pair`` or ``python -m tuneshift.models.organism``."""
 from __future__ import annotations
 
 import argparse

@@ -75,7 +75,7 @@ def generate_answers(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast
 def score_answers(examples: Sequence[Example], answers: Sequence[str]) -> dict:
     """Per-task scores ``{task: {metric, score, exact, f1, n}}`` plus ``overall`` (the mean of task scores).
 
-    ``score`` is the task's own metric (see :data:`framework.organism.tasks.TASKS`); exact and F1 are given
+    ``score`` is the task's own metric (see :data:`tuneshift.models.organism.tasks.TASKS`); exact and F1 are given
     for every task as well.
     """
     by_task: dict[str, list[tuple[float, float]]] = defaultdict(list)

@@ -52,7 +52,7 @@ class Task:
 
     name: str
     kind: str                      # "word", "page" or "sentence": which item pool it draws from
-    metric: str                    # "exact" or "f1", see framework.organism.evaluate
+    metric: str                    # "exact" or "f1", see tuneshift.models.organism.evaluate
     instructions: tuple[str, ...]  # instruction sentences, each led by the verb ``name.capitalize()``
     labels: tuple[str, ...]        # prefixes of the context line
     context: Callable[[Item], str]
