@@ -31,6 +31,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from tuneshift.errors import TuneshiftError
+
 Fused = Literal["none", "qkv_concat", "qkv_per_head", "conv1d_qkv"]
 
 
@@ -111,7 +113,7 @@ for _spec in (
     register_arch(_spec)
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(TuneshiftError, ValueError):
     """Raised when no :class:`ArchSpec` is registered for a model's ``config.model_type``."""
 
 

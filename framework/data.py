@@ -17,18 +17,20 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
 
+from tuneshift.errors import TuneshiftError
 from tuneshift.paths import ORGANISM_PROMPTS_PATH
+from tuneshift.registry import Registry, RegistryError
 
 BUILTIN_PROMPTS_PATH = Path(__file__).with_name("builtin_prompts.jsonl")
 
 
-class DataError(ValueError):
+class DataError(TuneshiftError, ValueError):
     """A dataset or a prompt does not match what tuneshift expects; the message names the item and the fix."""
 
 
@@ -163,20 +165,36 @@ def _existing(path: str | Path) -> Path:
     return path
 
 
-DATASETS: dict[str, Callable[..., list[Prompt]]] = {
-    "builtin": lambda path=None: load_jsonl(path or BUILTIN_PROMPTS_PATH, "builtin"),
-    "organism": lambda path=None: load_jsonl(path or ORGANISM_PROMPTS_PATH, "organism"),
-    "jsonl": lambda path: load_jsonl(path),
-    "final_dataset": lambda path: load_final_dataset(path),
-}
+@dataclass(frozen=True)
+class DatasetFormat:
+    """A dataset format id: how to read a file of it, and the file read when the config gives no path."""
+
+    load: Callable[[str | Path], list[Prompt]]
+    default_path: Path | None = None
+
+
+DATASETS: Registry[DatasetFormat] = Registry(
+    "dataset format", group="tuneshift.datasets",
+    how_to_add="Register one with tuneshift.data.DATASETS.register('mine', DatasetFormat(load=my_loader)).")
+DATASETS.register("builtin", DatasetFormat(lambda path: load_jsonl(path, "builtin"), BUILTIN_PROMPTS_PATH))
+DATASETS.register("organism", DatasetFormat(lambda path: load_jsonl(path, "organism"), ORGANISM_PROMPTS_PATH))
+DATASETS.register("jsonl", DatasetFormat(load_jsonl))
+DATASETS.register("final_dataset", DatasetFormat(load_final_dataset))
 
 
 def load_prompts(fmt: str, path: str | None = None, limit: int | None = None,
                  splits: Sequence[str] | None = None, ids: Sequence[str] | None = None) -> list[Prompt]:
-    """Load a dataset by format id, optionally filtered by split or id and cut to ``limit`` prompts."""
-    if fmt not in DATASETS:
-        raise DataError(f"unknown dataset format {fmt!r}; available: {', '.join(sorted(DATASETS))}")
-    prompts = DATASETS[fmt](path) if path is not None or fmt in ("builtin", "organism") else DATASETS[fmt]()
+    """Load a dataset by format id, optionally filtered by split or id and cut to the first ``limit`` prompts."""
+    try:
+        dataset = DATASETS.get(fmt)
+    except RegistryError as err:
+        raise DataError(str(err)) from None
+    if limit is not None and (isinstance(limit, bool) or int(limit) < 1):
+        raise DataError(f"data.limit={limit!r}: give a positive number of prompts, or null for all of them")
+    path = path if path is not None else dataset.default_path
+    if path is None:
+        raise DataError(f"data.format={fmt!r} reads a file: set data.path=/path/to/your/file")
+    prompts = dataset.load(path)
     if splits:
         prompts = [p for p in prompts if p.split in splits]
     if ids:

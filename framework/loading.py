@@ -24,12 +24,14 @@ from pathlib import Path
 
 import torch
 
+from tuneshift.errors import TuneshiftError
+
 CACHE_DIR = Path(os.environ.get("TUNESHIFT_CACHE", Path.home() / ".cache" / "tuneshift"))
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(TuneshiftError, ValueError):
     """A model path or option is wrong; the message names it and the fix."""
 
 

@@ -40,6 +40,7 @@ import nnsight
 import torch
 
 from tuneshift.adapters import ModelAdapter
+from tuneshift.errors import TuneshiftError
 
 Reduce = Literal["none", "norm", "mean", "last"]
 _SITE = re.compile(r"^(embed\.output|final_norm\.output|logits|layers\.(\d+)\.(ln1\.output|attn\.output|"
@@ -47,7 +48,7 @@ _SITE = re.compile(r"^(embed\.output|final_norm\.output|logits|layers\.(\d+)\.(l
 _LAYER_ORDER = {"ln1.output": 0, "attn.output": 1, "attn.pattern": 1, "mlp.output": 2, "resid_post": 3}
 
 
-class ProbeError(ValueError):
+class ProbeError(TuneshiftError, ValueError):
     """A probe names a site that does not exist; the message lists the valid ones."""
 
 

@@ -19,9 +19,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from tuneshift.sections import Section
 
 
 _UMASK = os.umask(0)
@@ -66,9 +69,10 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 class ResultStore:
     """Reads and writes one run's results (see the module docstring for the layout)."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, create: bool = True):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
 
     def dir(self, plugin: str, model: str) -> Path:
         """Directory of ``plugin``'s results for ``model`` (a model key, or ``compare/<base>__<tuned>``)."""
@@ -123,9 +127,26 @@ class ResultStore:
 
         return pd.read_parquet(self.dir(plugin, model) / f"{name}.parquet")
 
+    def load_section(self, plugin: str, model: str) -> "Section | None":
+        """The report section a plugin stored for ``model`` (None when it stored none)."""
+        from tuneshift.sections import Section
+
+        path = self.dir(plugin, model) / "section.json"
+        return Section.from_dict(json.loads(path.read_text())) if path.is_file() else None
+
     def load_arrays(self, plugin: str, model: str, name: str) -> dict[str, np.ndarray]:
         with np.load(self.dir(plugin, model) / f"{name}.npz", allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
+
+    # ---- crash recovery -----------------------------------------------------------------------------------
+    def clean_partial_writes(self) -> int:
+        """Remove half-written temporary files a killed run left behind (``.<name>.*.tmp``); returns how many."""
+        removed = 0
+        for tmp in self.root.rglob(".*.tmp"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     # ---- run-level files ----------------------------------------------------------------------------------
     def update_summary(self, section: str, values: dict) -> None:

@@ -1,48 +1,50 @@
 """The runner: drives prompts through each model, calls the plugin hooks in order, writes results.
 
-It owns the loop (Lightning's ``Trainer``); plugins are the callbacks (``framework/plugin.py`` documents the
+It owns the loop (Lightning's ``Trainer``); plugins are the callbacks (:mod:`tuneshift.plugin` documents the
 call order). One model is in memory at a time; comparisons read both models' results back from the store.
+It takes objects (plugin instances, model specs, prompts, a store, a logger, settings); turning a Hydra config
+into those objects is :mod:`tuneshift.cli`'s job, and :mod:`tuneshift.api` builds them for notebooks.
 
-Resume: each (plugin, model) result is marked done with a fingerprint of everything it depends on (the
-plugin's options, the model spec, the data and generation settings). A re-run of the same job skips what is
-done with the same fingerprint; generated responses are cached in ``responses/<model>.jsonl`` too.
-
-Python API::
-
-    from tuneshift.runner import run
-    summary = run(cfg)          # cfg: a DictConfig valid against tuneshift.config.TuneshiftConfig
+Resume and provenance: a run folder belongs to one set of results-relevant settings (``settings.json``); a
+runner refuses a folder that holds results of other settings before writing anything. Each (plugin, model)
+result is marked done with a fingerprint of everything it depends on (the plugin's options, the model spec,
+the prompts as loaded, generation), and generated responses are cached in ``responses/<model>.jsonl`` with
+theirs, so a re-run skips exactly what is still valid.
 """
 from __future__ import annotations
 
 import gc
-import hashlib
-import importlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Sequence
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from tuneshift.adapters import ModelAdapter
-from tuneshift.data import EncodedPrompt, Prompt, encode_prompt, left_pad, load_prompts
+from tuneshift.config import GenerationConfig, RunConfig
+from tuneshift.data import EncodedPrompt, Prompt, encode_prompt
+from tuneshift.errors import ConfigError, RunFolderError
+from tuneshift.fingerprint import fingerprint, prompts_fingerprint, settings_dict
+from tuneshift.generation import Batch, generate_responses, make_batches
 from tuneshift.loading import ModelSpec, load_model
-from tuneshift.loggers import Logger, build_logger
-from tuneshift.plugin import HookTimer, Plugin, build_plugins
+from tuneshift.loggers import Logger, LocalLogger
+from tuneshift.plugin import HookTimer, Plugin
 from tuneshift.probes import Captures, ProbeRegistry
-from tuneshift.results import ResultStore, atomic_write_bytes
+from tuneshift.results import ResultStore, atomic_write_bytes, atomic_write_json
+from tuneshift.sections import Headline, Section
 
 log = logging.getLogger("tuneshift")
 
 
 @dataclass
 class ModelRun:
-    """One loaded model and everything plugins need about it (see docs/plugin_contract.md)."""
+    """One loaded model and everything plugins need about it (see docs/plugins.md)."""
 
     key: str
     name: str
@@ -70,79 +72,84 @@ class ModelRun:
 
 
 @dataclass
-class Batch:
-    """Prompts (with responses when generated) as one left-padded batch."""
-
-    index: int
-    items: list[EncodedPrompt]
-    input_ids: torch.Tensor  # [B, T] prompt + response, left-padded
-    attention_mask: torch.Tensor  # [B, T]
-    position_ids: torch.Tensor  # [B, T]
-
-
-@dataclass
 class RunContext:
-    cfg: DictConfig
+    """What every hook receives: where results go, the prompts, the pairs and the run's settings."""
+
     store: ResultStore
     logger: Logger
     output_dir: Path
     prompts: list[Prompt]
     pairs: list[tuple[str, str]]
-    progress: bool = True
+    generation: GenerationConfig
+    settings: RunConfig
+    models: dict[str, ModelSpec] = field(default_factory=dict)
+
+    @property
+    def progress(self) -> bool:
+        return self.settings.progress
 
 
-def _fingerprint(*parts: Any) -> str:
-    blob = json.dumps([OmegaConf.to_container(p, resolve=True) if OmegaConf.is_config(p) else p for p in parts],
-                      sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+@dataclass
+class Finding:
+    """A headline of one plugin's comparison of one pair, as the run prints it at the end."""
+
+    plugin: str
+    base: str
+    tuned: str
+    headline: Headline
+
+    def text(self) -> str:
+        return f"[{self.plugin}] {self.headline.text(self.base, self.tuned)}"
 
 
-def make_batches(items: list[EncodedPrompt], batch_size: int, pad_id: int) -> Iterator[Batch]:
-    """Consecutive batches of prompt (+ response) ids, left-padded with position ids over real tokens."""
-    for index, start in enumerate(range(0, len(items), batch_size)):
-        chunk = items[start:start + batch_size]
-        seqs = [e.input_ids if e.response_ids is None else torch.cat([e.input_ids, e.response_ids]) for e in chunk]
-        ids, mask, pos = left_pad(seqs, pad_id)
-        yield Batch(index, chunk, ids, mask, pos)
-
-
-def _stop_ids(model, tokenizer) -> set[int]:
-    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
-    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
-
-
-@torch.no_grad()
-def generate_responses(run: ModelRun, max_new_tokens: int, batch_size: int, progress: bool) -> None:
-    """Greedy responses of ``run.model`` to its own prompts, in place (``response_ids`` without the stop token)."""
-    stops = _stop_ids(run.model, run.tokenizer)
-    pad = run.tokenizer.pad_token_id
-    batches = list(make_batches(run.encoded, batch_size, pad))
-    for batch in tqdm(batches, desc=f"generate {run.name}", disable=not progress, leave=False):
-        out = run.model.generate(input_ids=batch.input_ids.to(run.device),
-                                 attention_mask=batch.attention_mask.to(run.device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=sorted(stops) or None,
-                                 top_p=None, top_k=None, temperature=None)
-        new = out[:, batch.input_ids.shape[1]:].cpu()
-        for item, row in zip(batch.items, new):
-            stop_at = [i for i, t in enumerate(row.tolist()) if t in stops]
-            item.response_ids = row[: stop_at[0] if stop_at else len(row)].clone()
-            item.response_text = run.tokenizer.decode(item.response_ids, skip_special_tokens=True)
+def default_threads() -> int:
+    """Half the cores (at least 1): intra-op threads spin-wait, so oversubscribing a busy machine is ruinous."""
+    return max(1, (os.cpu_count() or 2) // 2)
 
 
 class Runner:
-    """Runs the plugins over every model of ``cfg.model`` and every pair of it."""
+    """Runs ``plugins`` over every model of ``models`` and every ``(base, tuned)`` pair of them."""
 
-    def __init__(self, cfg: DictConfig, output_dir: str | Path | None = None):
-        self.cfg = cfg
-        self.output_dir = Path(output_dir or Path(cfg.run.root) / cfg.run.name)
-        self.store = ResultStore(self.output_dir)
-        for module in cfg.run.plugin_modules:
-            importlib.import_module(module)  # a user's plugin registers itself on import
-        self.plugins: list[Plugin] = build_plugins(cfg.plugins)
+    def __init__(self, plugins: Sequence[Plugin], models: dict[str, ModelSpec], prompts: Sequence[Prompt], *,
+                 store: ResultStore, pairs: Sequence[tuple[str, str]] = (),
+                 logger: Logger | Callable[[], Logger] | None = None,
+                 generation: GenerationConfig | None = None, settings: RunConfig | None = None,
+                 provenance: dict | None = None):
+        self.plugins = list(plugins)
+        self.models = dict(models)
+        self.prompts = list(prompts)
+        self.pairs = [tuple(p) for p in pairs]
+        self.store = store
+        self.output_dir = store.root
+        self._logger = logger  # a Logger, or a factory called once the run folder is claimed
+        self.logger: Logger = logger if isinstance(logger, Logger) else Logger()
+        self.generation = generation or GenerationConfig()
+        self.settings = settings or RunConfig()
+        self.provenance = provenance
         self.timer = HookTimer()
+        self.findings: list[Finding] = []
+        self._check_inputs()
+        self.data_fingerprint = prompts_fingerprint(self.prompts)
+        self.settings_hash = fingerprint({"models": self.models, "pairs": self.pairs, "data": self.data_fingerprint,
+                                          "generation": self.generation, "run": self.settings,
+                                          "plugins": {p.name: p.options for p in self.plugins}})
+
+    def _check_inputs(self) -> None:
+        names = [p.name for p in self.plugins]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"a plugin appears twice in {names}; each plugin runs once per job")
+        for pair in self.pairs:
+            missing = [k for k in pair if k not in self.models]
+            if len(pair) != 2 or missing:
+                raise ConfigError(f"model.pairs entry {list(pair)} must name two keys of model.models "
+                                  f"({', '.join(self.models)})")
+        if not self.prompts and any(not p.weight_only for p in self.plugins):
+            raise ConfigError("the data selection holds no prompts; check data.path, data.splits and data.ids")
+        if self.settings.batch_size < 1 or self.generation.batch_size < 1:
+            raise ConfigError(f"run.batch_size={self.settings.batch_size} and generation.batch_size="
+                              f"{self.generation.batch_size} must be at least 1")
+        if self.generation.max_new_tokens < 1:
+            raise ConfigError(f"generation.max_new_tokens={self.generation.max_new_tokens} must be at least 1")
 
     # ---- hooks dispatch -------------------------------------------------------------------------------------
     def _call(self, plugins: list[Plugin], hook: str, *args: Any) -> None:
@@ -151,60 +158,99 @@ class Runner:
                 getattr(plugin, hook)(*args)
 
     def _plugin_fingerprint(self, plugin: Plugin, spec: ModelSpec | None) -> str:
-        return _fingerprint(OmegaConf.to_container(OmegaConf.structured(plugin.options)),
-                            None if spec is None else OmegaConf.to_container(OmegaConf.structured(spec)),
-                            self.cfg.data, None if plugin.weight_only else self.cfg.generation)
+        return fingerprint(plugin.options, spec, self.data_fingerprint,
+                           None if plugin.weight_only else self.generation)
 
-    def _is_done(self, plugin: Plugin, key: str, fingerprint: str) -> bool:
-        return self.cfg.run.resume and self.store.is_done(plugin.name, key, fingerprint)
+    def _is_done(self, plugin: Plugin, key: str, fp: str) -> bool:
+        return self.settings.resume and self.store.is_done(plugin.name, key, fp)
+
+    def _finish(self, ctx: RunContext, plugin: Plugin, key: str, fp: str) -> Section | None:
+        """Store ``plugin``'s section of ``key``, then mark ``key`` done (the marker is written last)."""
+        with self.timer.span(plugin, "section"):
+            section = plugin.section(ctx, key)
+        if section is not None:
+            self.store.save_json(plugin.name, key, "section", section.to_dict())
+        self.store.mark_done(plugin.name, key, fp)
+        return section
+
+    # ---- the run folder -------------------------------------------------------------------------------------
+    def _claim_folder(self) -> None:
+        """Refuse a folder holding results of other settings; record ours (before anything else is written)."""
+        path = self.output_dir / "settings.json"
+        if path.is_file():
+            try:
+                held = json.loads(path.read_text()).get("hash")
+            except (OSError, ValueError):
+                held = None
+            if held is not None and held != self.settings_hash:
+                raise RunFolderError(
+                    f"run folder {str(self.output_dir)!r} holds results of other settings (hash {held}, this run "
+                    f"{self.settings_hash}); nothing was changed. Run without an explicit hydra.run.dir (each "
+                    "setting gets its own folder), or choose a new folder")
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.store.clean_partial_writes()
+            atomic_write_json(path, {"hash": self.settings_hash, "settings": settings_dict(
+                {"models": self.models, "pairs": self.pairs, "generation": self.generation, "run": self.settings,
+                 "plugins": {p.name: p.options for p in self.plugins}}), "data_fingerprint": self.data_fingerprint})
+            if self.provenance is not None:
+                import yaml
+
+                atomic_write_bytes(self.output_dir / "config.yaml", yaml.safe_dump(self.provenance).encode())
+        except OSError as err:
+            raise RunFolderError(f"cannot write the run folder {str(self.output_dir)!r} ({err.strerror}); choose a "
+                                 "writable run.root") from err
 
     # ---- the run --------------------------------------------------------------------------------------------
     def run(self) -> dict:
-        cfg = self.cfg
-        torch.manual_seed(cfg.run.seed)
-        atomic_write_bytes(self.output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
-        prompts = load_prompts(cfg.data.format, cfg.data.path, cfg.data.limit, list(cfg.data.splits) or None,
-                               list(cfg.data.ids) or None)
-        pairs = [tuple(p) for p in cfg.model.pairs]
-        for pair in pairs:
-            missing = [k for k in pair if k not in cfg.model.models]
-            if len(pair) != 2 or missing:
-                raise ValueError(f"model.pairs entry {list(pair)} must name two keys of model.models "
-                                 f"({', '.join(cfg.model.models)})")
-        logger = build_logger(cfg.logger.kind, self.output_dir, cfg.logger.project, cfg.model.name,
-                              cfg.logger.group or cfg.model.name, cfg.logger.mode,
-                              OmegaConf.to_container(cfg, resolve=True), list(cfg.logger.tags))
-        ctx = RunContext(cfg, self.store, logger, self.output_dir, prompts, pairs, cfg.run.progress)
+        torch.manual_seed(self.settings.seed)
+        torch.set_num_threads(self.settings.threads or default_threads())
+        ctx = RunContext(self.store, self.logger, self.output_dir, self.prompts, self.pairs, self.generation,
+                         self.settings, self.models)
         started = time.perf_counter()
+        self._call(self.plugins, "setup", ctx)  # validation first: a bad option changes nothing on disk
+        self._claim_folder()
+        if not isinstance(self._logger, Logger):
+            self.logger = ctx.logger = self._logger() if callable(self._logger) else LocalLogger(self.output_dir)
         try:
-            self._call(self.plugins, "setup", ctx)
             self._call(self.plugins, "on_run_start", ctx)
-            for key, spec_cfg in cfg.model.models.items():
-                self._run_model(ctx, key, OmegaConf.to_object(spec_cfg))
-            for base, tuned in pairs:
+            for key, spec in self.models.items():
+                self._run_model(ctx, key, spec)
+            for base, tuned in self.pairs:
                 self._compare(ctx, base, tuned)
             self._call(self.plugins, "on_run_end", ctx)
         finally:
             self._call(self.plugins, "teardown", ctx)
-            self.store.update_summary("timing", {"seconds_total": time.perf_counter() - started,
-                                                 "seconds_by_hook": self.timer.seconds})
-            if cfg.run.report:
-                from tuneshift.report import write_report
-
-                write_report(self.output_dir, logger=logger)  # also after an error: shows what finished
-            logger.finish()
+            self._wrap_up(started)
         return self.store.summary()
+
+    def _wrap_up(self, started: float) -> None:
+        self.store.update_summary("timing", {"seconds_total": time.perf_counter() - started,
+                                             "seconds_by_hook": self.timer.seconds})
+        self.store.update_summary("headlines", {"findings": [f.text() for f in self.findings]})
+        metrics: dict[str, float] = {}
+        for finding in self.findings:
+            metrics.update(finding.headline.metrics(f"{finding.plugin}/{finding.base}__{finding.tuned}"))
+        self.logger.log_summary(metrics)
+        if self.settings.report:
+            from tuneshift.report import write_report
+
+            write_report(self.output_dir, logger=self.logger)  # also after an error: shows what finished
+        self.logger.finish()
+
+    def _load(self, spec: ModelSpec, traced: list[Plugin]) -> tuple[Any, Any]:
+        eager = any(p.needs_eager_attention for p in traced)
+        return load_model(spec, "eager" if eager else None)
 
     def _run_model(self, ctx: RunContext, key: str, spec: ModelSpec) -> None:
         fingerprints = {p.name: self._plugin_fingerprint(p, spec) for p in self.plugins}
         pending = [p for p in self.plugins if not self._is_done(p, key, fingerprints[p.name])]
         if not pending:
-            log.info("model %s: every plugin already done, skipped", key)
+            log.info("model %s: every plugin already done with these settings, skipped", key)
             return
         traced = [p for p in pending if not p.weight_only]
-        needs_jvp_safe_attention = any(getattr(p, "needs_eager_attention", False) for p in traced)
-        model, tokenizer = load_model(spec, "eager" if needs_jvp_safe_attention else None)
-        chat = self.cfg.generation.chat_template
+        model, tokenizer = self._load(spec, traced)
+        chat = self.generation.chat_template
         chat = spec.chat_template if chat is None else chat
         run = ModelRun(key, spec.name, spec, model, tokenizer, ModelAdapter(model), bool(chat))
         try:
@@ -216,7 +262,7 @@ class Runner:
                 self._batches(ctx, run, traced)
             self._call(pending, "on_model_end", ctx, run)
             for plugin in pending:
-                self.store.mark_done(plugin.name, key, fingerprints[plugin.name])
+                self._finish(ctx, plugin, key, fingerprints[plugin.name])
             self.store.update_summary("models", {key: {"name": spec.name, **run.adapter.describe()}})
         finally:
             del run, model
@@ -226,18 +272,19 @@ class Runner:
 
     def _responses(self, ctx: RunContext, run: ModelRun) -> None:
         """Generate each prompt's response, or reuse the cached ones of an identical earlier run."""
-        gen = self.cfg.generation
-        fingerprint = _fingerprint(OmegaConf.to_container(OmegaConf.structured(run.spec)), gen, self.cfg.data)
+        gen = self.generation
+        fp = fingerprint(run.spec, gen, self.data_fingerprint, run.chat_template)
         path = self.output_dir / "responses" / f"{run.key}.jsonl"
-        if self.cfg.run.resume and path.is_file():
-            rows = [json.loads(line) for line in path.read_text().splitlines()]
-            if rows and rows[0].get("fingerprint") == fingerprint and len(rows) == len(run.encoded):
+        if self.settings.resume and path.is_file():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            if rows and all(r.get("fingerprint") == fp for r in rows) and \
+                    [r["id"] for r in rows] == [e.prompt.id for e in run.encoded]:
                 for item, row in zip(run.encoded, rows):
                     item.response_ids = torch.tensor(row["response_ids"], dtype=torch.long)
                     item.response_text = row["response"]
                 return
         generate_responses(run, gen.max_new_tokens, gen.batch_size, ctx.progress)
-        lines = [json.dumps({"fingerprint": fingerprint, "id": e.prompt.id, "prompt": e.prompt.text,
+        lines = [json.dumps({"fingerprint": fp, "id": e.prompt.id, "prompt": e.prompt.text,
                              "response": e.response_text, "response_ids": e.response_ids.tolist()})
                  for e in run.encoded]
         atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
@@ -246,8 +293,8 @@ class Runner:
         registry = ProbeRegistry(run.adapter, {p.name: p.probes(run) for p in plugins})
         if registry.needs_attention_pattern and run.model.config._attn_implementation != "eager":
             run.model.set_attn_implementation("eager")
-        batches = make_batches(run.encoded, self.cfg.run.batch_size, run.tokenizer.pad_token_id)
-        total = -(-len(run.encoded) // self.cfg.run.batch_size)
+        batches = make_batches(run.encoded, self.settings.batch_size, run.tokenizer.pad_token_id)
+        total = -(-len(run.encoded) // self.settings.batch_size)
         for batch in tqdm(batches, total=total, desc=f"{run.name}", disable=not ctx.progress, leave=False):
             captures = registry.run(run.nnsight, batch.input_ids, batch.attention_mask, batch.position_ids) \
                 if not registry.empty else {}
@@ -259,18 +306,19 @@ class Runner:
     def _compare(self, ctx: RunContext, base: str, tuned: str) -> None:
         key = ResultStore.compare_key(base, tuned)
         for plugin in self.plugins:
-            fingerprint = _fingerprint(self._plugin_fingerprint(plugin, None), base, tuned,
-                                       OmegaConf.to_container(self.cfg.model.models, resolve=True))
-            if self._is_done(plugin, key, fingerprint):
-                continue
-            with self.timer.span(plugin, "on_compare"):
-                plugin.on_compare(ctx, base, tuned)
-            self.store.mark_done(plugin.name, key, fingerprint)
-            headline = self.store.dir(plugin.name, key) / "summary.json"
-            if headline.is_file():  # a plugin's comparison summary is the run's headline for that plugin
-                self.store.update_summary(plugin.name, {f"{base}__{tuned}": json.loads(headline.read_text())})
+            fp = fingerprint(self._plugin_fingerprint(plugin, None), base, tuned, self.models)
+            if self._is_done(plugin, key, fp):
+                section = self.store.load_section(plugin.name, key)
+            else:
+                with self.timer.span(plugin, "on_compare"):
+                    plugin.on_compare(ctx, base, tuned)
+                section = self._finish(ctx, plugin, key, fp)
+                summary = self.store.dir(plugin.name, key) / "summary.json"
+                if summary.is_file():  # the comparison's numbers, also in the run's summary.json
+                    self.store.update_summary(plugin.name, {f"{base}__{tuned}": json.loads(summary.read_text())})
+            for headline in (section.headlines if section else []):
+                self.findings.append(Finding(plugin.name, base, tuned, headline))
 
 
-def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
-    """Run the job described by ``cfg``; returns the run summary (also in ``summary.json``)."""
-    return Runner(cfg, output_dir).run()
+__all__ = ["Batch", "Finding", "ModelRun", "RunContext", "Runner", "default_threads", "generate_responses",
+           "make_batches"]

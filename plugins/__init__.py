@@ -1,9 +1,8 @@
-"""Built-in plugins. Importing this package registers each one under its ``name`` (see framework/plugin.py).
+"""Built-in plugins, one subpackage (or module) each. They are found like anyone's: through the entry-point
+group ``tuneshift.plugins`` (``setup.cfg``), never imported by the core.
 
-A user's plugin is one module with a ``Plugin`` subclass, imported here (or by the user before the run),
-plus ``conf/plugins/<name>.yaml``.
+- ``saliency``        method A: gradient x input, importance density, Tables 1-2
+- ``head_relations``  method B: word pairs of each attention head, instruction verbs
+- ``ffn_concepts``    method C: FFN principal directions, words, concepts, rotation
+- ``residual_norm``   the example plugin: mean residual-stream norm per layer
 """
-from tuneshift.plugins import residual_norm  # noqa: F401
-from tuneshift.plugins import ffn_concepts  # noqa: F401
-from tuneshift.plugins import head_relations  # noqa: F401
-from tuneshift.plugins import saliency  # noqa: F401

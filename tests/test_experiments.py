@@ -53,9 +53,10 @@ def _plugins_of(name: str) -> list[str]:
 
 
 def _skip_if_plugins_missing(plugins: list[str]) -> None:
-    missing = [p for p in plugins if not (CONF / "plugins" / f"{p}.yaml").is_file()]
-    if missing:
-        pytest.skip(f"conf/plugins/{', '.join(missing)}.yaml not present yet (plugin being written)")
+    from tuneshift.plugin import available_plugins
+
+    missing = [p for p in plugins if p not in available_plugins()]
+    assert not missing, f"experiments name plugins that are not installed: {missing}"
 
 
 def validate_full(cfg) -> TuneshiftConfig:

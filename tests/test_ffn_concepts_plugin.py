@@ -126,7 +126,7 @@ def test_runner_end_to_end(tmp_path):
     from omegaconf import OmegaConf
 
     from tuneshift.config import validate
-    from tuneshift.runner import run
+    from tuneshift.cli import run_config as run
 
     model_cfg = OmegaConf.load(__import__("tuneshift.paths").paths.CONF_DIR / "model/tiny_random.yaml")
     cfg = validate({"model": OmegaConf.to_container(model_cfg), "data": {"limit": 2},

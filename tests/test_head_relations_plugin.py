@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from tuneshift.config import validate
 from tuneshift.plugin import PluginError, build_plugins
-from tuneshift.runner import run
+from tuneshift.cli import run_config as run
 from tuneshift.words import load_word_list
 from tuneshift.plugins.head_relations import HeadRelationsPlugin
 

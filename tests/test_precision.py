@@ -31,7 +31,7 @@ def test_same_precision_deviates_by_nothing_and_bf16_by_a_little():
 
 def test_check_run_uses_the_runs_responses_and_writes_results(tmp_path):
     from tuneshift.config import validate
-    from tuneshift.runner import run
+    from tuneshift.cli import run_config as run
 
     cfg = validate({"model": {"name": "tiny", "models": {
         "base": {"name": "b", "path": "tiny-random:llama:0", "dtype": "bfloat16"},

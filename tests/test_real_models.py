@@ -18,7 +18,7 @@ from tuneshift.config import validate
 from tuneshift.data import encode_prompt, load_prompts
 from tuneshift.loading import ModelSpec, load_model
 from tuneshift.results import ResultStore
-from tuneshift.runner import run
+from tuneshift.cli import run_config as run
 
 pytestmark = pytest.mark.slow
 

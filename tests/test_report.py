@@ -297,7 +297,7 @@ def test_synthetic_report_renders_in_chromium(tmp_path):
 
 def _small_run(tmp_path: Path, plugins: dict) -> Path:
     from tuneshift.config import validate
-    from tuneshift.runner import run
+    from tuneshift.cli import run_config as run
 
     cfg = validate({"model": {"name": "tiny_random", "models": {
         "base": {"name": "tiny-base", "path": "tiny-random:llama:0"},

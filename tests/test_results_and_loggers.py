@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from tuneshift import results
-from tuneshift.loggers import build_logger
+from tuneshift.loggers import JobInfo, build_logger
 from tuneshift.results import ResultStore
 
 
@@ -51,13 +51,13 @@ def test_summary_merges_sections(tmp_path):
 
 def test_wandb_offline_writes_a_run_and_local_logs(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    logger = build_logger("wandb", tmp_path, project="tuneshift-test", name="pair", group="sweep-1", mode="offline")
+    job = JobInfo(name="pair", group="sweep-1", run_dir=tmp_path, project="tuneshift-test", mode="offline")
+    logger = build_logger("wandb", tmp_path, job)
     logger.log_metrics({"score": 0.5, "label": "not a number"}, prefix="saliency")
     logger.log_table("table", pd.DataFrame({"a": [1], "pairs": [[("x", "y")]]}))
     logger.finish()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
-    assert os.environ["WANDB_MODE"] == "offline"
     metrics = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["saliency/score"] == 0.5
 
@@ -69,7 +69,7 @@ def test_a_wandb_failure_never_loses_local_results(tmp_path, monkeypatch, caplog
         raise RuntimeError("wandb is down")
 
     monkeypatch.setattr(wandb, "init", broken)
-    logger = build_logger("wandb", tmp_path, mode="offline")
+    logger = build_logger("wandb", tmp_path, JobInfo(name="x", group="g", run_dir=tmp_path))
     logger.log_metrics({"score": 1.0})
     logger.finish()
     assert "W&B logging disabled" in caplog.text

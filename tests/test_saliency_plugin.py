@@ -13,7 +13,7 @@ from tuneshift.data import encode_prompt, load_prompts
 from tuneshift.loading import ModelSpec, load_model
 from tuneshift.plugin import PluginError, build_plugins
 from tuneshift.results import ResultStore
-from tuneshift.runner import run
+from tuneshift.cli import run_config as run
 from tuneshift.plugins.saliency import SaliencyPlugin
 from tuneshift.attribution import make_item, naive_attribution
 from tuneshift.plugins.saliency.density import density, normalise, prompt_score, threshold

@@ -7,12 +7,14 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from tuneshift.errors import TuneshiftError
+
 Target = Literal["prob", "logprob", "logit"]
 Mode = Literal["auto", "vjp", "jvp"]
 TARGETS: tuple[str, ...] = ("prob", "logprob", "logit")
 MODES: tuple[str, ...] = ("auto", "vjp", "jvp")
 
-class AttributionError(ValueError):
+class AttributionError(TuneshiftError, ValueError):
     """Inputs to the attribution do not fit (shapes, empty prompt, unknown option); the message says which."""
 
 

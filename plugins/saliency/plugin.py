@@ -92,18 +92,18 @@ class SaliencyPlugin(Plugin):
     def _encoded(self, ctx: "RunContext", run: "ModelRun") -> list["EncodedPrompt"]:
         """The prompts with responses this plugin attributes: the run's, or its own when options differ."""
         o = self.options
-        run_max = int(ctx.cfg.generation.max_new_tokens)
+        run_max = int(ctx.generation.max_new_tokens)
         chat = run.chat_template if o.chat_template is None else bool(o.chat_template)
         wanted = run_max if o.max_new_tokens is None else int(o.max_new_tokens)
         if chat == run.chat_template and wanted <= run_max and run.encoded and \
                 all(e.response_ids is not None for e in run.encoded):
             encoded = run.encoded  # greedy: a shorter generation is a prefix of the run's own
         else:
-            from tuneshift.runner import generate_responses
+            from tuneshift.generation import generate_responses
 
             own = dataclasses.replace(run, chat_template=chat,
                                       encoded=[encode_prompt(run.tokenizer, p, chat) for p in ctx.prompts])
-            generate_responses(own, wanted, int(ctx.cfg.generation.batch_size), ctx.progress)
+            generate_responses(own, wanted, int(ctx.generation.batch_size), ctx.progress)
             encoded = own.encoded
         return [dataclasses.replace(e, response_ids=e.response_ids[:wanted]) for e in encoded]
 

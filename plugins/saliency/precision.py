@@ -132,7 +132,8 @@ def _free() -> None:
 
 def _generate(model, tokenizer, encoded: list[EncodedPrompt], max_new_tokens: int) -> None:
     from tuneshift.adapters import ModelAdapter
-    from tuneshift.runner import ModelRun, generate_responses
+    from tuneshift.generation import generate_responses
+    from tuneshift.runner import ModelRun
 
     run = ModelRun("check", "check", ModelSpec(), model, tokenizer, ModelAdapter(model), False, encoded)
     generate_responses(run, max_new_tokens, batch_size=max(1, len(encoded)), progress=False)

@@ -1,0 +1,68 @@
+"""Batches and responses: left-padded batches of prompt (+ response) ids, and greedy generation.
+
+``make_batches`` lays prompts out the way every trace and every plugin sees them (left padding, position ids
+counting real tokens). ``generate_responses`` fills each prompt's ``response_ids`` with the model's greedy
+response, without its stop token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from tuneshift.data import EncodedPrompt, left_pad
+
+if TYPE_CHECKING:
+    from tuneshift.runner import ModelRun
+
+
+@dataclass
+class Batch:
+    """Prompts (with responses when generated) as one left-padded batch."""
+
+    index: int
+    items: list[EncodedPrompt]
+    input_ids: torch.Tensor  # [B, T] prompt + response, left-padded
+    attention_mask: torch.Tensor  # [B, T]
+    position_ids: torch.Tensor  # [B, T]
+
+
+def make_batches(items: list[EncodedPrompt], batch_size: int, pad_id: int) -> Iterator[Batch]:
+    """Consecutive batches of prompt (+ response) ids, left-padded with position ids over real tokens."""
+    for index, start in enumerate(range(0, len(items), batch_size)):
+        chunk = items[start:start + batch_size]
+        seqs = [e.input_ids if e.response_ids is None else torch.cat([e.input_ids, e.response_ids]) for e in chunk]
+        ids, mask, pos = left_pad(seqs, pad_id)
+        yield Batch(index, chunk, ids, mask, pos)
+
+
+def stop_ids(model, tokenizer) -> set[int]:
+    """Token ids that end a response: the generation config's EOS ids and the tokenizer's."""
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+@torch.no_grad()
+def generate_responses(run: "ModelRun", max_new_tokens: int, batch_size: int, progress: bool) -> None:
+    """Greedy responses of ``run.model`` to its own prompts, in place (``response_ids`` without the stop token)."""
+    stops = stop_ids(run.model, run.tokenizer)
+    pad = run.tokenizer.pad_token_id
+    batches = list(make_batches(run.encoded, batch_size, pad))
+    for batch in tqdm(batches, desc=f"generate {run.name}", disable=not progress, leave=False):
+        out = run.model.generate(input_ids=batch.input_ids.to(run.device),
+                                 attention_mask=batch.attention_mask.to(run.device), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=sorted(stops) or None,
+                                 top_p=None, top_k=None, temperature=None)
+        new = out[:, batch.input_ids.shape[1]:].cpu()
+        for item, row in zip(batch.items, new):
+            stop_at = [i for i, t in enumerate(row.tolist()) if t in stops]
+            item.response_ids = row[: stop_at[0] if stop_at else len(row)].clone()
+            item.response_text = run.tokenizer.decode(item.response_ids, skip_special_tokens=True)
+
+
+__all__ = ["Batch", "generate_responses", "make_batches", "stop_ids"]
