@@ -6,16 +6,23 @@ What it is for
     otherwise), under ``torch.no_grad()`` unless a probe asks for a gradient, captures detached and moved
     to the CPU (or kept on the device) and handed back per plugin.
 
-Sites (TransformerLens-style names; ``B`` batch, ``T`` positions, ``d`` d_model, ``H`` query heads)::
+Sites (``B`` batch, ``T`` positions, ``d`` d_model, ``H`` query heads, ``d_h`` d_head, ``V`` vocabulary)::
 
-    embed.output                # [B, T, d]     token embeddings (as the first layer reads them)
-    layers.{i}.ln1.output       # [B, T, d]     input norm of layer i's attention
-    layers.{i}.attn.output      # [B, T, d]     attention block output (after o_proj)
-    layers.{i}.attn.pattern     # [B, H, T, T]  attention probabilities (the model runs eager attention)
-    layers.{i}.mlp.output       # [B, T, d]     MLP block output
-    layers.{i}.resid_post       # [B, T, d]     residual stream after layer i
+    embed.output                # [B, T, d]       token embeddings (as the first layer reads them)
+    layers.{i}.resid_pre        # [B, T, d]       residual stream entering layer i
+    layers.{i}.ln1.output       # [B, T, d]       input norm of layer i's attention
+    layers.{i}.attn.z           # [B, T, H, d_h]  each head's output before the output projection (o_proj)
+    layers.{i}.attn.output      # [B, T, d]       attention block output (after o_proj)
+    layers.{i}.attn.pattern     # [B, H, T, T]    attention probabilities (the model runs eager attention)
+    layers.{i}.mlp.output       # [B, T, d]       MLP block output
+    layers.{i}.resid_post       # [B, T, d]       residual stream after layer i
     final_norm.output           # [B, T, d]
-    logits                      # [B, T, vocab]
+    logits                      # [B, T, V]
+
+TransformerLens names are aliases of these (:data:`TL_ALIASES`): ``hook_embed``, ``blocks.{i}.hook_resid_pre``,
+``blocks.{i}.ln1.hook_normalized``, ``blocks.{i}.attn.hook_z``, ``blocks.{i}.hook_attn_out``,
+``blocks.{i}.attn.hook_pattern``, ``blocks.{i}.hook_mlp_out``, ``blocks.{i}.hook_resid_post``,
+``ln_final.hook_normalized``; :func:`site_table` lists every site with its shape and alias.
 
 Reductions (``reduce=``), applied inside the trace so only the small result is kept::
 
@@ -43,9 +50,39 @@ from tuneshift.adapters import ModelAdapter
 from tuneshift.errors import TuneshiftError
 
 Reduce = Literal["none", "norm", "mean", "last"]
-_SITE = re.compile(r"^(embed\.output|final_norm\.output|logits|layers\.(\d+)\.(ln1\.output|attn\.output|"
-                   r"attn\.pattern|mlp\.output|resid_post))$")
-_LAYER_ORDER = {"ln1.output": 0, "attn.output": 1, "attn.pattern": 1, "mlp.output": 2, "resid_post": 3}
+_LAYER_SITES = {  # per-layer site -> (forward rank, shape)
+    "resid_pre": (0, "[B, T, d]"), "ln1.output": (1, "[B, T, d]"), "attn.z": (2, "[B, T, H, d_h]"),
+    "attn.output": (3, "[B, T, d]"), "attn.pattern": (3, "[B, H, T, T]"), "mlp.output": (4, "[B, T, d]"),
+    "resid_post": (5, "[B, T, d]"),
+}
+_SITE = re.compile(r"^(embed\.output|final_norm\.output|logits|layers\.(\d+)\.("
+                   + "|".join(re.escape(k) for k in _LAYER_SITES) + "))$")
+TL_ALIASES = {  # TransformerLens hook name -> canonical site ({i}: the layer)
+    "hook_embed": "embed.output", "blocks.{i}.hook_resid_pre": "layers.{i}.resid_pre",
+    "blocks.{i}.ln1.hook_normalized": "layers.{i}.ln1.output", "blocks.{i}.attn.hook_z": "layers.{i}.attn.z",
+    "blocks.{i}.hook_attn_out": "layers.{i}.attn.output", "blocks.{i}.attn.hook_pattern": "layers.{i}.attn.pattern",
+    "blocks.{i}.hook_mlp_out": "layers.{i}.mlp.output", "blocks.{i}.hook_resid_post": "layers.{i}.resid_post",
+    "ln_final.hook_normalized": "final_norm.output",
+}
+_TL = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def canonical_site(name: str) -> str:
+    """The canonical site of ``name`` (itself, or the site a TransformerLens hook name stands for)."""
+    if name in TL_ALIASES:
+        return TL_ALIASES[name]
+    match = _TL.match(name)
+    if match and f"blocks.{{i}}.{match.group(2)}" in TL_ALIASES:
+        return TL_ALIASES[f"blocks.{{i}}.{match.group(2)}"].replace("{i}", match.group(1))
+    return name
+
+
+def site_table() -> list[tuple[str, str, str]]:
+    """``(site, shape, TransformerLens alias)`` of every site, in forward order (``{i}`` for the layer)."""
+    alias = {v: k for k, v in TL_ALIASES.items()}
+    rows = [("embed.output", "[B, T, d]", alias["embed.output"])]
+    rows += [(f"layers.{{i}}.{s}", shape, alias.get(f"layers.{{i}}.{s}", "")) for s, (_, shape) in _LAYER_SITES.items()]
+    return rows + [("final_norm.output", "[B, T, d]", alias["final_norm.output"]), ("logits", "[B, T, V]", "")]
 
 
 class ProbeError(TuneshiftError, ValueError):
@@ -60,20 +97,27 @@ class Probe:
     reduce: Reduce = "none"
     grad: bool = False
     device: Literal["cpu", "keep"] = "cpu"
+    alias: str = ""  # the TransformerLens name the probe was asked by (set from ``site``)
+
+    def __post_init__(self) -> None:
+        canonical = canonical_site(self.site)
+        if canonical != self.site:
+            object.__setattr__(self, "alias", self.site)
+            object.__setattr__(self, "site", canonical)
 
     @property
     def key(self) -> str:
-        """Name under which the capture is handed back: the site, plus the reduction and ``grad`` if any."""
-        return self.site + ("" if self.reduce == "none" else f":{self.reduce}") + (":grad" if self.grad else "")
+        """Name under which the capture is handed back: the site as asked, plus the reduction and ``grad``."""
+        name = self.alias or self.site
+        return name + ("" if self.reduce == "none" else f":{self.reduce}") + (":grad" if self.grad else "")
 
 
 def site_order(site: str, n_layers: int) -> tuple[int, int]:
     """Forward-execution rank of ``site``; raises :class:`ProbeError` for an unknown or out-of-range site."""
     match = _SITE.match(site)
     if match is None:
-        raise ProbeError(f"unknown probe site {site!r}; valid sites: embed.output, layers.{{i}}.ln1.output, "
-                         "layers.{i}.attn.output, layers.{i}.attn.pattern, layers.{i}.mlp.output, "
-                         "layers.{i}.resid_post, final_norm.output, logits")
+        raise ProbeError(f"unknown probe site {site!r}; valid sites: "
+                         + ", ".join(f"{s} ({a})" if a else s for s, _, a in site_table()))
     if site == "embed.output":
         return (-1, 0)
     if site == "final_norm.output":
@@ -83,12 +127,12 @@ def site_order(site: str, n_layers: int) -> tuple[int, int]:
     layer = int(match.group(2))
     if layer >= n_layers:
         raise ProbeError(f"probe site {site!r}: the model has {n_layers} layers (0..{n_layers - 1})")
-    return (layer, _LAYER_ORDER[match.group(3)])
+    return (layer, _LAYER_SITES[match.group(3)][0])
 
 
 def all_sites(n_layers: int) -> list[str]:
     """Every site of a model with ``n_layers`` layers, in forward order."""
-    per_layer = ["ln1.output", "attn.output", "attn.pattern", "mlp.output", "resid_post"]
+    per_layer = list(_LAYER_SITES)
     return (["embed.output"] + [f"layers.{i}.{s}" for i in range(n_layers) for s in per_layer]
             + ["final_norm.output", "logits"])
 
@@ -111,6 +155,11 @@ def _site_value(lm, adapter: ModelAdapter, site: str):
         return lm.output.logits
     _, layer, rest = site.split(".", 2)
     i = int(layer)
+    if rest == "resid_pre":
+        return _envoy(lm, adapter.layer_path(i)).input
+    if rest == "attn.z":  # the output projection's input, split into heads
+        z = _envoy(lm, adapter.layer_path(i, "o")).input
+        return z.view(*z.shape[:-1], adapter.n_heads, adapter.d_head)
     if rest == "ln1.output":
         return _envoy(lm, adapter.layer_path(i, "ln1")).output
     if rest in ("attn.output", "attn.pattern"):
@@ -131,7 +180,7 @@ def _reduce(value, how: Reduce, mask: torch.Tensor):
         return value.norm(dim=-1)
     if how == "last":
         return value[:, -1]
-    weights = mask.to(value.dtype)[..., None]  # mean over real positions
+    weights = mask.to(value.dtype).view(*mask.shape, *[1] * (value.dim() - 2))  # mean over real positions
     return (value * weights).sum(1) / weights.sum(1)
 
 

@@ -109,3 +109,47 @@ def test_memory_does_not_grow_over_many_batches():
     grown = _rss_mb() - before
     assert per_batch_mb > 1.0
     assert grown < 10 * per_batch_mb, f"RSS grew {grown:.1f} MB over 50 batches of {per_batch_mb:.1f} MB"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "phi3", "gpt2", "gpt_neox"])
+def test_head_outputs_and_resid_pre_equal_hand_written_hooks(family):
+    """attn.z (per head, before o_proj) and resid_pre against forward hooks on the same modules."""
+    model, lm, adapter, ids, mask, pos = _setup(family)
+    seen: dict[str, torch.Tensor] = {}
+    o_proj = adapter.module(adapter.layer_path(1, "o"))
+    layer = adapter.module(adapter.layer_path(1))
+    handles = [o_proj.register_forward_pre_hook(lambda m, args: seen.__setitem__("z", args[0].detach())),
+               layer.register_forward_pre_hook(lambda m, args: seen.__setitem__("pre", args[0].detach()))]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, position_ids=pos)
+    finally:
+        for h in handles:
+            h.remove()
+    out = ProbeRegistry(adapter, {"p": [Probe("layers.1.attn.z"), Probe("blocks.1.hook_resid_pre"),
+                                        Probe("blocks.1.hook_attn_out")]}).run(lm, ids, mask, pos)["p"]
+    z = out["layers.1.attn.z"]
+    assert z.shape == (*ids.shape, adapter.n_heads, adapter.d_head)
+    torch.testing.assert_close(z.flatten(-2), seen["z"], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out["blocks.1.hook_resid_pre"], seen["pre"], atol=1e-6, rtol=1e-6)
+    # heads write through W_O: the sum over heads of z_h W_O[h] (+ bias) is the attention output
+    bias = adapter.b_O(1)
+    recon = torch.einsum("bthe,hed->btd", z, adapter.W_O(1).to(z.dtype)) + (0 if bias is None else bias)
+    real = mask.bool()
+    torch.testing.assert_close(recon[real], out["blocks.1.hook_attn_out"][real], atol=1e-5, rtol=1e-4)
+
+
+def test_transformer_lens_aliases_name_the_canonical_sites():
+    from tuneshift.probes import TL_ALIASES, canonical_site, site_table
+
+    assert canonical_site("blocks.3.attn.hook_pattern") == "layers.3.attn.pattern"
+    assert canonical_site("hook_embed") == "embed.output" and canonical_site("logits") == "logits"
+    probe = Probe("blocks.0.hook_resid_post", reduce="norm")
+    assert probe.site == "layers.0.resid_post" and probe.key == "blocks.0.hook_resid_post:norm"
+    table = {site: (shape, alias) for site, shape, alias in site_table()}
+    assert set(TL_ALIASES.values()) <= set(table) and table["layers.{i}.attn.z"] == ("[B, T, H, d_h]",
+                                                                                    "blocks.{i}.attn.hook_z")
+    from tuneshift.probes import site_order
+
+    with pytest.raises(ProbeError, match="blocks.{i}.hook_mlp_out"):  # the error lists the aliases too
+        site_order(Probe("blocks.0.hook_nothing").site, 2)
