@@ -36,13 +36,13 @@ def _neutral_fields(kind: Any) -> set[str]:
 
 def settings_dict(obj: Any) -> Any:
     """Plain data of ``obj`` (dataclass, DictConfig, dict, list, scalar) without results-neutral fields."""
-    if isinstance(obj, DictConfig):
+    if isinstance(obj, (DictConfig, ListConfig)):
+        if obj._is_none():
+            return None
+        if isinstance(obj, ListConfig):
+            return [_config_value(obj, i) for i in range(len(obj))]
         drop = _neutral_fields(OmegaConf.get_type(obj))
-        return {str(k): settings_dict(obj._get_node(k)) for k in obj.keys() if k not in drop}  # type: ignore[union-attr]
-    if isinstance(obj, ListConfig):
-        return [settings_dict(v) for v in obj._iter_ex(resolve=True)]  # type: ignore[attr-defined]
-    if OmegaConf.is_config(obj):  # a value node
-        return OmegaConf.to_container(OmegaConf.create({"v": obj}), resolve=True)["v"]
+        return {str(k): _config_value(obj, k) for k in obj.keys() if k not in drop}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         drop = _neutral_fields(type(obj))
         return {f.name: settings_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name not in drop}
@@ -53,6 +53,13 @@ def settings_dict(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def _config_value(parent: DictConfig | ListConfig, key: Any) -> Any:
+    node = parent._get_node(key)
+    if isinstance(node, (DictConfig, ListConfig)):
+        return settings_dict(node)
+    return parent[key]  # a value, interpolations resolved
 
 
 def fingerprint(*parts: Any, length: int = 16) -> str:

@@ -150,7 +150,9 @@ def resolve_path(spec: ModelSpec) -> str:
 def load_model(spec: ModelSpec, attn_implementation: str | None = None):
     """``(model, tokenizer)``: eval mode, frozen, on the requested device and dtype, tokenizer left-padding."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # tuneshift shows its own progress; a bar per weight load is noise
     path = resolve_path(spec)
     kwargs = dict(dtype=torch_dtype(spec.dtype), trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     attn = spec.attn_implementation or attn_implementation
