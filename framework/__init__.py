@@ -24,6 +24,8 @@ _EXPORTS = {
     "load": "tuneshift.api", "Results": "tuneshift.api", "Attribution": "tuneshift.api",
     # writing plugins
     "Plugin": "tuneshift.plugin", "PLUGINS": "tuneshift.plugin", "PluginError": "tuneshift.plugin",
+    "plugin_class": "tuneshift.plugin", "available_plugins": "tuneshift.plugin",
+    "PluginTestSuite": "tuneshift.plugin_testing",
     "Probe": "tuneshift.probes", "Captures": "tuneshift.probes", "all_sites": "tuneshift.probes",
     "Section": "tuneshift.sections", "Headline": "tuneshift.sections", "Figure": "tuneshift.sections",
     "Table": "tuneshift.sections", "View": "tuneshift.sections",
