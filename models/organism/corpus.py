@@ -19,6 +19,7 @@ from pathlib import Path
 from tuneshift import corpora
 from tuneshift.corpora import FORTUNES_DIR, WORDNET_DIR
 
+_OVERSTRIKE = re.compile(r".\x08")          # fortunes underline letters as "_\bA"
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _ADJ_MARKER = re.compile(r"\((?:a|p|ip)\)$")  # WordNet adjective position markers, e.g. "galore(ip)"
 _QUOTED = re.compile(r'"([^"]*)"')
@@ -61,7 +62,7 @@ def load_wiki(path: Path | None = None) -> list[WikiPage]:
 
 def clean_fortune(text: str) -> str:
     """Remove overstrike underlining and control characters, expand tabs and strip trailing spaces per line."""
-    text = _CONTROL.sub("", text).expandtabs(4)
+    text = _CONTROL.sub("", _OVERSTRIKE.sub("", text)).expandtabs(4)
     return "\n".join(line.rstrip() for line in text.strip().splitlines())
 
 
