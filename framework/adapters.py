@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from tuneshift.errors import TuneshiftError
+from tuneshift.registry import Registry
 
 Fused = Literal["none", "qkv_concat", "qkv_per_head", "conv1d_qkv"]
 
@@ -77,13 +78,13 @@ _LLAMA_LIKE = dict(
     gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
 )
 
-ARCHS: dict[str, ArchSpec] = {}
+ARCHS: Registry[ArchSpec] = Registry("architecture", group="tuneshift.architectures")
 
 
 def register_arch(spec: ArchSpec) -> ArchSpec:
     """Register ``spec`` for each of its ``model_types`` (a user's family needs only this call)."""
     for model_type in spec.model_types:
-        ARCHS[model_type] = spec
+        ARCHS.register(model_type, spec)
     return spec
 
 
@@ -120,9 +121,9 @@ class UnsupportedArchitectureError(TuneshiftError, ValueError):
 def spec_for(model_type: str) -> ArchSpec:
     """The registered spec of ``model_type``, or an error that lists the supported ones and shows the fix."""
     if model_type in ARCHS:
-        return ARCHS[model_type]
+        return ARCHS.get(model_type)
     raise UnsupportedArchitectureError(
-        f"tuneshift has no adapter for model_type {model_type!r}. Supported: {', '.join(sorted(ARCHS))}.\n"
+        f"tuneshift has no adapter for model_type {model_type!r}. Supported: {', '.join(ARCHS.available())}.\n"
         "To add one, register a mapping from common names to the model's module paths, e.g.:\n"
         "    from tuneshift.adapters import ArchSpec, register_arch\n"
         f"    register_arch(ArchSpec(family={model_type!r}, model_types=({model_type!r},),\n"
@@ -312,7 +313,7 @@ class ModelAdapter:
 
 
 def supported_architectures() -> list[str]:
-    return sorted(ARCHS)
+    return ARCHS.available()
 
 
 __all__ = [

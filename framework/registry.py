@@ -33,11 +33,8 @@ from tuneshift.errors import TuneshiftError
 T = TypeVar("T")
 
 
-class RegistryError(TuneshiftError, KeyError):
+class RegistryError(TuneshiftError, ValueError):
     """An id is unknown (the message lists the known ones) or its entry point failed to load."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
 
 
 class Registry(Generic[T]):
@@ -107,6 +104,18 @@ class Registry(Generic[T]):
     def items(self) -> Iterator[tuple[str, T]]:
         self.scan_entry_points()
         return iter(sorted(self._items.items()))
+
+    def __getitem__(self, name: str) -> T:
+        return self.get(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.available())
+
+    def copy(self) -> "Registry[T]":
+        """A registry with the same entries (tests register into a copy so nothing leaks)."""
+        clone: Registry[T] = Registry(self.kind, self.group, self.how_to_add)
+        clone._items, clone._broken, clone._scanned = dict(self._items), dict(self._broken), self._scanned
+        return clone
 
     def __contains__(self, name: object) -> bool:
         self.scan_entry_points()

@@ -240,7 +240,7 @@ def test_embeddings_and_unembedding(name):
 @pytest.fixture
 def scratch_archs(monkeypatch):
     """A private copy of the registry, so registrations made by a test do not leak."""
-    monkeypatch.setattr(adapters, "ARCHS", dict(ARCHS))
+    monkeypatch.setattr(adapters, "ARCHS", ARCHS.copy())
     return adapters.ARCHS
 
 

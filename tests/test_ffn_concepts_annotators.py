@@ -12,9 +12,9 @@ import pytest
 
 from tuneshift.plugins.ffn_concepts import prompts
 from tuneshift.plugins.ffn_concepts.annotators import (Annotation, AnnotationCache, Annotator, AnnotatorError,
-                                             EndpointAnnotator, EndpointOptions, LLMJudgeAnnotator,
-                                             LLMJudgeOptions, annotate_word_sets, available_annotators,
-                                             build_annotator)
+                                                       annotate_word_sets, available_annotators, build_annotator)
+from tuneshift.plugins.ffn_concepts.chat_annotators import (EndpointAnnotator, EndpointOptions, LLMJudgeAnnotator,
+                                                            LLMJudgeOptions)
 from tuneshift.plugins.ffn_concepts.prompts import CANNOT_TELL, ParseError
 
 MATH = ("equation", "integer", "fraction", "divide", "multiply", "sum", "ratio", "percent", "algebra", "matrix",

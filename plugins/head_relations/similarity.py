@@ -23,6 +23,7 @@ Capitalised and UPPER case, the first one found wins.
 
 Adding a backend::
 
+    @BACKENDS.register
     class MyVectors(SimilarityBackend):
         name = "mine"
         def __init__(self, path: str = "", **_: object): ...
@@ -46,6 +47,7 @@ import scipy.sparse as sp
 import torch
 
 from tuneshift.plugins.head_relations import corpus
+from tuneshift.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +111,6 @@ class SimilarityBackend:
     """A source of static word vectors; subclasses register under their ``name``."""
 
     name: ClassVar[str] = ""
-    _registry: ClassVar[dict[str, type["SimilarityBackend"]]] = {}
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.name:
-            SimilarityBackend._registry[cls.name] = cls
 
     def lookup(self, words: Sequence[str]) -> WordVectors:
         """Unit word vectors for ``words`` (zero rows for words the backend does not know)."""
@@ -125,15 +121,18 @@ class SimilarityBackend:
         return {"backend": self.name}
 
 
+BACKENDS: Registry[type[SimilarityBackend]] = Registry(
+    "similarity backend", group="tuneshift.similarity",
+    how_to_add="A backend subclasses SimilarityBackend and is registered with @BACKENDS.register.")
+
+
 def available_backends() -> list[str]:
-    return sorted(SimilarityBackend._registry)
+    return BACKENDS.available()
 
 
 def make_backend(name: str, **params: Any) -> SimilarityBackend:
     """Instantiate backend ``name`` with ``params``; an unknown name fails with the list of known ones."""
-    if name not in SimilarityBackend._registry:
-        raise ValueError(f"unknown similarity backend {name!r}; available: {', '.join(available_backends())}")
-    return SimilarityBackend._registry[name](**params)
+    return BACKENDS.get(name)(**params)
 
 
 # ---- glove / word2vec text files ------------------------------------------------------------------------------
@@ -181,6 +180,7 @@ def read_vector_file(path: str | Path, wanted: Iterable[str] | None = None) -> t
     return vocab, matrix
 
 
+@BACKENDS.register
 class GloveBackend(SimilarityBackend):
     """Word vectors from a GloVe / word2vec text file (the paper used GloVe 840B-300d)."""
 
@@ -303,6 +303,7 @@ def build_ppmi_vectors(params: PPMIParams) -> tuple[list[str], np.ndarray]:
     return vocab, u * (s ** params.eig_power)[None, :]
 
 
+@BACKENDS.register
 class PPMIBackend(SimilarityBackend):
     """Offline default: PPMI + truncated SVD word vectors over the offline corpus, cached on disk."""
 
