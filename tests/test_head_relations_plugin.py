@@ -6,13 +6,12 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from omegaconf import OmegaConf
 
-from tuneshift.config import validate
 from tuneshift.plugin import PluginError, build_plugins
 from tuneshift.cli import run_config as run
 from tuneshift.words import load_word_list
 from tuneshift.plugins.head_relations import HeadRelationsPlugin
+from conftest import tiny_pair_config
 
 
 def _glove(tmp_path, n_words=1500, dim=6):
@@ -29,15 +28,7 @@ def _glove(tmp_path, n_words=1500, dim=6):
 def _cfg(tmp_path, **options):
     plugin = {"word_limit": 1500, "top_k": 25, "baseline_size": 300, "similarity": "glove",
               "similarity_path": str(_glove(tmp_path)), "threshold_std": 1.0, "layer_group_size": 1, **options}
-    return validate(OmegaConf.create({
-        "model": {"name": "tiny", "models": {"base": {"name": "b", "path": "tiny-random:llama:0"},
-                                             "tuned": {"name": "t", "path": "tiny-random:llama:1"}},
-                  "pairs": [["base", "tuned"]]},
-        "data": {"limit": 2}, "generation": {"max_new_tokens": 2},
-        "run": {"root": str(tmp_path), "name": "job", "progress": False, "report": False},
-        "logger": {"kind": "local"},
-        "plugins": {"head_relations": plugin},
-    }))
+    return tiny_pair_config(tmp_path, {"head_relations": plugin}, limit=2, max_new_tokens=2)
 
 
 def test_end_to_end(tmp_path):

@@ -6,14 +6,13 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from tuneshift.config import validate
 from tuneshift.errors import RunFolderError
 from tuneshift.plugin import HOOK_ORDER, PLUGINS, Plugin, PluginError, build_plugins
 from tuneshift.probes import Probe
 from tuneshift.results import ResultStore
 from tuneshift.cli import run_config as run
+from conftest import tiny_pair_config
 
 CALLS: list[tuple] = []
 FAIL_ON_MODEL = {"key": ""}  # simulates a crash without changing the plugin's options (its fingerprint)
@@ -69,14 +68,7 @@ PLUGINS.register(Recorder)
 
 
 def _cfg(tmp_path, plugins, **run):
-    return validate(OmegaConf.create({
-        "model": {"name": "tiny", "models": {"base": {"name": "b", "path": "tiny-random:llama:0"},
-                                             "tuned": {"name": "t", "path": "tiny-random:llama:1"}},
-                  "pairs": [["base", "tuned"]]},
-        "data": {"limit": 5}, "generation": {"max_new_tokens": 4},
-        "run": {"root": str(tmp_path), "name": "job", "batch_size": 2, "progress": False, "report": False, **run},
-        "plugins": plugins,
-    }))
+    return tiny_pair_config(tmp_path, plugins, limit=5, max_new_tokens=4, **run)
 
 
 def test_hook_order_and_resume(tmp_path):

@@ -6,9 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from tuneshift.config import validate
 from tuneshift.data import encode_prompt, load_prompts
 from tuneshift.loading import ModelSpec, load_model
 from tuneshift.plugin import PluginError, build_plugins
@@ -18,6 +16,7 @@ from tuneshift.plugins.saliency import SaliencyPlugin
 from tuneshift.attribution import make_item, naive_attribution
 from tuneshift.plugins.saliency.density import density, normalise, prompt_score, threshold
 from tuneshift.plugins.saliency.views import PromptView, examples_html
+from conftest import tiny_pair_config
 
 
 @pytest.fixture(autouse=True)
@@ -29,14 +28,7 @@ def one_thread():
 
 
 def _cfg(tmp_path, options=None, limit=4):
-    return validate(OmegaConf.create({
-        "model": {"name": "tiny", "models": {"base": {"name": "b", "path": "tiny-random:llama:0"},
-                                             "tuned": {"name": "t", "path": "tiny-random:llama:1"}},
-                  "pairs": [["base", "tuned"]]},
-        "data": {"limit": limit}, "generation": {"max_new_tokens": 5},
-        "run": {"root": str(tmp_path), "name": "job", "batch_size": 2, "progress": False, "report": False},
-        "plugins": {"saliency": options or {}},
-    }))
+    return tiny_pair_config(tmp_path, {"saliency": options or {}}, limit=limit)
 
 
 def test_end_to_end_files_and_numbers(tmp_path):
