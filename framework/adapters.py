@@ -188,14 +188,32 @@ class ModelAdapter:
                 self.module(self.layer_path(0, part))
 
     # ---- raw weights ----------------------------------------------------------------------------------------
+    def tensor(self, path: str, name: str = "weight") -> torch.Tensor | None:
+        """Parameter ``name`` of module ``path``, detached; read from accelerate's offload map when the model
+        was dispatched with parts on "cpu"/"disk" offload (those parameters sit on the meta device)."""
+        value = getattr(self.module(path), name, None)
+        if value is None or value.device.type != "meta":
+            return None if value is None else value.detach()
+        parts = path.split(".")
+        for cut in range(len(parts), -1, -1):  # the nearest module whose accelerate hook holds the weights
+            owner = get_submodule(self.model, ".".join(parts[:cut])) if cut else self.model
+            weights = getattr(getattr(owner, "_hf_hook", None), "weights_map", None)
+            if weights is None:
+                continue
+            try:
+                return weights[".".join(parts[cut:] + [name])].detach()
+            except KeyError:
+                continue
+        raise UnsupportedArchitectureError(f"{path}.{name} is on the meta device and no accelerate offload map "
+                                           "holds it; load the model with real weights (device_map with devices)")
+
     def _linear_in_out(self, path: str) -> torch.Tensor:
         """Weight of a projection as ``[in, out]`` (nn.Linear stores ``[out, in]``; GPT-2's Conv1D ``[in, out]``)."""
-        weight = self.module(path).weight.detach()
+        weight = self.tensor(path)
         return weight if self.spec.conv1d else weight.T
 
     def _linear_bias(self, path: str) -> torch.Tensor | None:
-        bias = getattr(self.module(path), "bias", None)
-        return None if bias is None else bias.detach()
+        return self.tensor(path, "bias")
 
     def _qkv_in_out(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Q, K, V weights of layer ``i`` as ``[d_model, heads * d_head]`` each, fused projections split."""
@@ -276,7 +294,7 @@ class ModelAdapter:
 
     # ---- norms and embeddings -------------------------------------------------------------------------------
     def _gain(self, path: str) -> torch.Tensor:
-        return self.module(path).weight.detach() + self.spec.norm_offset
+        return self.tensor(path) + self.spec.norm_offset
 
     def ln1_gain(self, i: int) -> torch.Tensor:
         """``[d_model]`` effective gain of the norm in front of layer ``i``'s attention."""
@@ -291,11 +309,11 @@ class ModelAdapter:
 
     def embedding_matrix(self) -> torch.Tensor:
         """``[vocab, d_model]`` input embeddings E_in (unscaled: Gemma multiplies by sqrt(d_model) at run time)."""
-        return self.module(self.spec.embed).weight.detach()
+        return self.tensor(self.spec.embed)
 
     def unembedding_matrix(self) -> torch.Tensor:
         """``[vocab, d_model]`` output embeddings E_out (lm_head rows; the same tensor when tied)."""
-        return self.module(self.spec.lm_head).weight.detach()
+        return self.tensor(self.spec.lm_head)
 
     @property
     def tied_embeddings(self) -> bool:

@@ -20,11 +20,13 @@ import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
+from typing import Any, Optional
 from pathlib import Path
 
 import torch
 
 from tuneshift.errors import TuneshiftError
+from tuneshift.fingerprint import neutral
 
 CACHE_DIR = Path(os.environ.get("TUNESHIFT_CACHE", Path.home() / ".cache" / "tuneshift"))
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -43,8 +45,11 @@ class ModelSpec:
     path: str = "tiny-random:llama"
     gguf_file: str | None = None
     dtype: str = "float32"
-    device: str = "cpu"  # cpu | cuda | cuda:1 | mps
-    device_map: str | None = None  # "auto" spreads a large model over several GPUs (needs accelerate)
+    device: str = neutral("cpu")  # cpu | cuda | cuda:1 | mps
+    # "auto" | "balanced" | {module: device}: spreads a model over several GPUs (accelerate), or offloads parts
+    # to "cpu"/"disk" (with offload_folder); placement never changes results, so it is not in run fingerprints
+    device_map: Any = neutral(None)
+    offload_folder: Optional[str] = neutral(None)
     chat_template: bool = False  # render prompts with the tokenizer's chat template
     attn_implementation: str | None = None  # None: eager when a probe needs patterns or JVPs, else default
     trust_remote_code: bool = False
@@ -160,6 +165,8 @@ def load_model(spec: ModelSpec, attn_implementation: str | None = None):
         kwargs["attn_implementation"] = attn
     if spec.device_map:
         kwargs["device_map"] = spec.device_map
+        if spec.offload_folder:
+            kwargs["offload_folder"] = spec.offload_folder
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=spec.revision,
                                                   trust_remote_code=spec.trust_remote_code)

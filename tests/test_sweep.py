@@ -104,3 +104,35 @@ def test_sweep_with_parallel_processes(tmp_path):
         assert (job_dir / "residual_norm" / "compare" / "base__tuned" / "_DONE").is_file()
         assert (job_dir / "report.html").is_file()
     assert "Joblib" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_sweep_through_submitit_local_executor(tmp_path):
+    """submitit's local executor: the pickling and job layout of the SLURM launcher, on this machine."""
+    out = tmp_path / "out"
+    args = ["-m", "hydra/launcher=submitit_local", "model=tiny_random,tiny_random_gpt2", "plugins=[residual_norm]",
+            "data=builtin", "data.limit=2", f"run.root={out}", "run.progress=false"]
+    result = _tuneshift(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (out / "sweeps").iterdir()
+    assert (sweep / ".submitit").is_dir()  # the jobs went through submitit (pickled, run in their own processes)
+    for job in ("tiny_random-builtin", "tiny_random_gpt2-builtin"):
+        (job_dir,) = sweep.glob(f"{job}-*")
+        assert (job_dir / "residual_norm" / "compare" / "base__tuned" / "_DONE").is_file()
+    assert (sweep / "sweep_report.html").is_file()
+
+
+def test_the_slurm_launcher_config_composes_with_the_settings_users_change():
+    from hydra import compose, initialize_config_dir
+
+    from tuneshift.config import register_configs
+    from tuneshift.paths import CONF_DIR
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                                           "hydra.launcher.gpus_per_node=2", "hydra.launcher.timeout_min=60"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher.partition == "gpu" and launcher.gpus_per_node == 2 and launcher.timeout_min == 60
+    assert "SlurmLauncher" in launcher._target_
