@@ -30,22 +30,25 @@ def _batch(tokenizer, batch: int, seq: int):
     return left_pad(rows, tokenizer.pad_token_id)
 
 
-def measure(model_path: str, batch: int, seq: int, repeats: int) -> dict:
-    model, tokenizer = load_model(ModelSpec(path=model_path))
+def measure(model_path: str, batch: int, seq: int, repeats: int, device: str = "cpu") -> dict:
+    model, tokenizer = load_model(ModelSpec(path=model_path, device=device))
     adapter = ModelAdapter(model)
     from nnsight import TransformersModel
 
     lm = TransformersModel(model, tokenizer=tokenizer)
     probes = [Probe(f"layers.{i}.{part}.output") for i in range(adapter.n_layers) for part in ("attn", "mlp")]
     registry = ProbeRegistry(adapter, {"bench": probes})
-    ids, mask, pos = _batch(tokenizer, batch, seq)
+    ids, mask, pos = (t.to(device) for t in _batch(tokenizer, batch, seq))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def plain() -> None:
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask, position_ids=pos)
+        sync()
 
     def traced() -> None:
         registry.run(lm, ids, mask, pos)
+        sync()
 
     for _ in range(3):
         plain(), traced()
@@ -66,12 +69,13 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     args = parser.parse_args()
-    print(f"model {args.model}, torch threads {torch.get_num_threads()}")
+    print(f"model {args.model}, device {args.device}, torch threads {torch.get_num_threads()}")
     print("| batch | seq | sites captured | plain no_grad (ms) | one trace, all captured (ms) | overhead |")
     print("|---|---|---|---|---|---|")
     for batch in args.batches:
-        r = measure(args.model, batch, args.seq, args.repeats)
+        r = measure(args.model, batch, args.seq, args.repeats, args.device)
         print(f"| {r['batch']} | {r['seq']} | {r['captured']} | {r['plain_ms']:.1f} | {r['traced_ms']:.1f} | "
               f"{100 * r['overhead']:+.1f} % |")
 

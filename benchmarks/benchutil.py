@@ -74,11 +74,13 @@ def machine_line(device: str) -> str:
 
 
 def source_state(path: str) -> str:
-    """``path`` md5 and whether it differs from the commit (the code measured may be work in progress)."""
+    """``path`` (a file or folder) md5 and whether it differs from the commit (the code measured may be work
+    in progress)."""
     import hashlib
 
     root = Path(__file__).resolve().parents[1]
-    digest = hashlib.md5((root / path).read_bytes()).hexdigest()[:10]
+    files = sorted((root / path).rglob("*.py")) if (root / path).is_dir() else [root / path]
+    digest = hashlib.md5(b"".join(f.read_bytes() for f in files)).hexdigest()[:10]
     try:
         dirty = subprocess.run(["git", "status", "--porcelain", "--", path], capture_output=True, text=True,
                                cwd=root, timeout=10).stdout.strip()
