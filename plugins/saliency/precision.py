@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +39,10 @@ from typing import Sequence
 
 import torch
 
+from tuneshift.attribution import attribute
 from tuneshift.data import EncodedPrompt, Prompt, encode_prompt, load_prompts
 from tuneshift.loading import ModelSpec, load_model
+from tuneshift.plugins.saliency import density as dens
 
 PLUGIN_DIR = "precision_check"  # results dir name inside a run dir (shown by the report)
 
@@ -68,54 +69,23 @@ class PrecisionCheck:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "per_prompt"}
 
 
-# ---- the paper's normalisation (methods.md A.2-A.4), for the comparison only ------------------------------------
+# ---- the paper's normalisation (methods.md A.2-A.4), through the plugin's own density module ------------------
 def integer_scores(attribution: torch.Tensor, threshold: int = 0) -> torch.Tensor:
-    """``S[n, m]``: per response token (column), negatives clipped, ``ceil(10 I+ / (max_n I+ + 1e-7))``, values
-    ``<= threshold`` zeroed. ``attribution``: ``[N, M]``."""
-    pos = attribution.double().clamp(min=0)
-    scores = torch.ceil(10 * pos / (pos.max(dim=0, keepdim=True).values + 1e-7))
-    return torch.where(scores > threshold, scores, torch.zeros_like(scores))
+    """``S[n, m]`` (0..10 per response token, ``<= threshold`` zeroed) of ``attribution [N, M]``."""
+    return torch.from_numpy(dens.normalise(attribution.double().numpy(), threshold))
 
 
 def importance_density(scores: torch.Tensor) -> torch.Tensor:
     """``a_n = ||S[n,:]||_1 / (||S[n,:]||_4 + 1e-7)`` ``[N]``."""
-    return scores.abs().sum(1) / (scores.abs().pow(4).sum(1).pow(0.25) + 1e-7)
+    return torch.from_numpy(dens.density(scores.double().numpy(), 4.0))
 
 
 def prompt_score(attribution: torch.Tensor, instruction_rows: torch.Tensor, threshold: int = 7) -> float:
-    """The prompt's score: normalised density summed over its instruction tokens / log2(2 + #instruction)."""
-    if attribution.numel() == 0:
+    """The prompt's score at ``threshold`` (0 for an empty response or a prompt without instruction tokens)."""
+    if attribution.numel() == 0 or not bool(instruction_rows.any()):
         return 0.0
-    density = importance_density(integer_scores(attribution, threshold))
-    density = density / (density.max() + 1e-9)
-    n_instr = int(instruction_rows.sum())
-    return float(density[instruction_rows].sum() / math.log2(2 + n_instr)) if n_instr else 0.0
-
-
-def _attribute(model, items, target: str) -> list[torch.Tensor]:
-    try:
-        from tuneshift.attribution import attribute
-    except ImportError:  # the plugin's module moved: the slow reference still answers the question
-        return [_naive(model, it, target) for it in items]
-    return attribute(model, items, target=target)
-
-
-def _naive(model, item, target: str) -> torch.Tensor:
-    """One forward and backward per response token (only if the saliency plugin is unavailable)."""
-    emb_layer = model.get_input_embeddings()
-    ids = torch.cat([item.prompt_ids, item.response_ids[:-1]]).to(emb_layer.weight.device)[None]
-    rows = torch.nonzero(item.rows).flatten()
-    out = torch.zeros(int(item.rows.sum()), item.response_ids.numel())
-    for m in range(item.response_ids.numel()):
-        emb = emb_layer(ids).detach().requires_grad_(True)
-        with torch.enable_grad():
-            logits = model(inputs_embeds=emb, use_cache=False).logits[0, item.prompt_ids.numel() - 1 + m].float()
-            token = int(item.response_ids[m])
-            value = {"prob": lambda: logits.softmax(-1)[token], "logprob": lambda: logits.log_softmax(-1)[token],
-                     "logit": lambda: logits[token]}[target]()
-            (grad,) = torch.autograd.grad(value, emb)
-        out[:, m] = (grad[0, rows.to(grad.device)] * emb[0, rows.to(grad.device)].detach()).sum(-1).float().cpu()
-    return out
+    density = dens.density(dens.normalise(attribution.double().numpy(), threshold), 4.0)
+    return dens.prompt_score(density, instruction_rows.numpy(), attribution.shape[1])
 
 
 # ---- the check ------------------------------------------------------------------------------------------------
@@ -161,11 +131,11 @@ def check_saliency_precision(spec: ModelSpec, prompts: Sequence[Prompt], *, dtyp
         for e, ids in zip(encoded, responses):
             e.response_ids = torch.as_tensor(list(ids), dtype=torch.long)
     items = [make_item(e.input_ids, e.response_ids, e.content_mask) for e in encoded]
-    low_maps = _attribute(low, items, target)
+    low_maps = attribute(low, items, target=target)
     del low
     _free()
     ref, _ = _load(spec, reference_dtype)
-    ref_maps = _attribute(ref, items, target)
+    ref_maps = attribute(ref, items, target=target)
     del ref
     _free()
 
