@@ -45,7 +45,7 @@ def collect(root: Path, source: Path) -> Path:
     verbs = {row["verb_set"]: row for row in heads["verb_stats"]}
     ffn = summary["ffn_concepts"]
     payload = {
-        "source": {"run": source.name, "commit": commit_of(root),
+        "source": {"run": source.name, "commit_at_collection": commit_of(root),  # the run records none
                    "seconds_total": summary.get("timing", {}).get("seconds_total")},
         "saliency": summary["saliency"][pair]["all"],
         "head_relations": {
