@@ -121,6 +121,8 @@ def test_rotation_compares_proper_subspaces(tmp_path, recwarn):
     assert layers["n_directions"].tolist() == [16] and not [w for w in recwarn.list if "ffn" in str(w.message)]
     # random independent models: the angles sit at the chance level, far from 0
     assert layers["mean_angle_deg"].iloc[0] == pytest.approx(layers["chance_mean_angle_deg"].iloc[0], abs=8)
+    page = (ctx.store.dir("ffn_concepts", ResultStore.compare_key("base", "tuned")) / "view_layer0.html").read_text()
+    assert page.count("not compared") == 50 - 16   # html_rows 50: ranks 16..49 are beyond the compared 16
     plugin.options.rotation_directions = 64
     with pytest.warns(stats.VacuousRotationWarning, match="vacuous"):
         plugin.on_compare(ctx, "base", "tuned")
