@@ -16,6 +16,8 @@ Weight convention (TransformerLens style, ``x @ W``)::
     W_in(l)   # [d_model, d_ff]                  (``up`` / ``fc_in`` / ``c_fc``)
     W_down(l) # [d_ff, d_model]                  row i = what neuron i writes into the residual stream
     ln1_gain(l), final_norm_gain()  # [d_model]  effective gain (Gemma's ``1 + w`` applied)
+    q_norm_gain(l), k_norm_gain(l)  # [d_head] or None: per-head RMSNorm of q and k (Gemma-3), shared by heads
+    q_norm_eps(l), k_norm_eps(l)    # its epsilon
     embedding_matrix()              # [vocab, d_model]  E_in
     unembedding_matrix()            # [vocab, d_model]  E_out (rows of lm_head)
 
@@ -69,6 +71,8 @@ class ArchSpec:
     positions: Literal["rotary", "absolute"] = "rotary"
     position_embed: str | None = None  # absolute position table (GPT-2 ``transformer.wpe``)
     attn_output_index: int | None = 0  # attention modules return (out, weights); None: a bare tensor
+    q_norm: str | None = None  # per-head RMSNorm of the queries (Gemma-3: ``self_attn.q_norm``), in the layer
+    k_norm: str | None = None  # per-head RMSNorm of the keys
 
 
 _LLAMA_LIKE = dict(
@@ -97,8 +101,10 @@ for _spec in (
     # ``pre_feedforward_layernorm``.
     ArchSpec(family="gemma2", model_types=("gemma2",), norm_offset=1.0,
              **{**_LLAMA_LIKE, "ln2": "pre_feedforward_layernorm"}),
+    # Gemma-3 also normalises each head's q and k: q = RMSNorm_{d_head}(x W_Q) * (1 + w_q), before RoPE.
     ArchSpec(family="gemma3", model_types=("gemma3_text", "gemma3"), norm_offset=1.0,
-             **{**_LLAMA_LIKE, "ln2": "pre_feedforward_layernorm"}),
+             **{**_LLAMA_LIKE, "ln2": "pre_feedforward_layernorm", "q_norm": "self_attn.q_norm",
+                "k_norm": "self_attn.k_norm"}),
     ArchSpec(family="phi3", model_types=("phi3",),
              **{**_LLAMA_LIKE, "q": None, "k": None, "v": None, "gate": None, "up": "mlp.gate_up_proj",
                 "qkv": "self_attn.qkv_proj", "fused_qkv": "qkv_concat", "gate_up": "mlp.gate_up_proj"}),
@@ -183,7 +189,8 @@ class ModelAdapter:
         """Resolve every mapped module now, so a wrong mapping fails at load time with the family's name."""
         for field in ("embed", "final_norm", "lm_head"):
             self.module(getattr(self.spec, field))
-        for part in ("attn", "mlp", "ln1", "ln2", "q", "k", "v", "qkv", "o", "gate", "gate_up", "up", "down"):
+        for part in ("attn", "mlp", "ln1", "ln2", "q", "k", "v", "qkv", "o", "gate", "gate_up", "up", "down",
+                     "q_norm", "k_norm"):
             if getattr(self.spec, part) is not None:
                 self.module(self.layer_path(0, part))
 
@@ -306,6 +313,31 @@ class ModelAdapter:
 
     def final_norm_gain(self) -> torch.Tensor:
         return self._gain(self.spec.final_norm)
+
+    def q_norm_gain(self, i: int) -> torch.Tensor | None:
+        """``[d_head]`` effective gain of the per-head query norm of layer ``i`` (Gemma's ``1 + w``), or None.
+
+        The model's query of head h is ``RMSNorm(x W_Q[h]) * q_norm_gain`` (then RoPE): dim j of every head
+        is scaled by ``q_norm_gain[j]`` after each head's q is scaled to unit RMS."""
+        return None if self.spec.q_norm is None else self._gain(self.layer_path(i, "q_norm"))
+
+    def k_norm_gain(self, i: int) -> torch.Tensor | None:
+        """``[d_head]`` effective gain of the per-head key norm of layer ``i``, or None (see :meth:`q_norm_gain`)."""
+        return None if self.spec.k_norm is None else self._gain(self.layer_path(i, "k_norm"))
+
+    def q_norm_eps(self, i: int) -> float | None:
+        """Epsilon of the per-head query norm (inside its square root), or None without one."""
+        return None if self.spec.q_norm is None else float(self._eps(self.layer_path(i, "q_norm")))
+
+    def k_norm_eps(self, i: int) -> float | None:
+        return None if self.spec.k_norm is None else float(self._eps(self.layer_path(i, "k_norm")))
+
+    def _eps(self, path: str) -> float:
+        module = self.module(path)
+        for name in ("eps", "variance_epsilon"):
+            if hasattr(module, name):
+                return getattr(module, name)
+        raise UnsupportedArchitectureError(f"norm {path!r} has no eps attribute")
 
     def embedding_matrix(self) -> torch.Tensor:
         """``[vocab, d_model]`` input embeddings E_in (unscaled: Gemma multiplies by sqrt(d_model) at run time)."""

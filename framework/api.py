@@ -78,11 +78,11 @@ def as_prompts(prompts: str | Iterable[str | dict | Prompt] | None, limit: int |
         elif isinstance(p, str):
             out.append(Prompt(f"p{i}", p, ()))
         elif isinstance(p, dict):
-            from tuneshift.data import find_span, merge_spans
+            from tuneshift.data import distinct_spans, find_span
 
             text = p["prompt"]
             pid = str(p.get("id", f"p{i}"))
-            spans = merge_spans([find_span(text, s, pid) for s in p.get("instructions", [])])
+            spans = distinct_spans([find_span(text, s, pid) for s in p.get("instructions", [])])
             out.append(Prompt(pid, text, spans, p.get("split", "default"), p.get("category", ""), p.get("reference")))
         else:
             raise ConfigError(f"prompt {i}: give a string, a dict with 'prompt', or a Prompt, not {type(p).__name__}")

@@ -1,8 +1,9 @@
 """Prompt datasets with instruction and context spans, and their alignment onto any tokenizer's tokens.
 
 A :class:`Prompt` carries its text and the character spans of its instruction; everything else is context.
-Spans are aligned to tokens on character offsets (``return_offsets_mapping``), so the same dataset works
-for SentencePiece, byte-level BPE or any other fast tokenizer.
+Spans are aligned to tokens on character offsets (``return_offsets_mapping``), each span on its own and
+trimmed of white-space and ``▁"`` edge tokens (:func:`tuneshift.instructions.align_spans`), so the same
+dataset works for SentencePiece, byte-level BPE, Gemma's pieces or any other fast tokenizer.
 
 Formats (string ids for configs, see :data:`DATASETS`):
 
@@ -10,28 +11,26 @@ Formats (string ids for configs, see :data:`DATASETS`):
 - ``jsonl``: one object a line: ``{"id", "prompt", "instructions": [substrings of prompt]}`` or
   ``"instruction_spans": [[start, end], ...]``, optional ``"split"``, ``"category"``, ``"reference"``.
 - ``final_dataset``: the paper's ``FinalDataset.tsv`` (columns ``ID, Prompt, Response, Instruct&Context``,
-  ``/n`` for newline, ``/t`` for tab); annotated pieces are widened to the prompt sentence holding them.
+  ``/n`` for newline, ``/t`` for tab); each annotated piece becomes the prompt sentence holding it
+  (:mod:`tuneshift.instructions`, methods.md A.5).
 """
 from __future__ import annotations
 
 import csv
 import json
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from tuneshift.errors import TuneshiftError
+from tuneshift.instructions import (DataError, align_spans, annotated_spans, edge_tokens,  # noqa: F401
+                                    sentence_spans, substring_span, token_surfaces)       # (re-exported)
 from tuneshift.paths import ORGANISM_PROMPTS_PATH
 from tuneshift.registry import Registry, RegistryError
 
 BUILTIN_PROMPTS_PATH = Path(__file__).with_name("builtin_prompts.jsonl")
-
-
-class DataError(TuneshiftError, ValueError):
-    """A dataset or a prompt does not match what tuneshift expects; the message names the item and the fix."""
 
 
 @dataclass(frozen=True)
@@ -59,45 +58,12 @@ class Prompt:
 # ---- span helpers ---------------------------------------------------------------------------------------------
 def find_span(text: str, piece: str, prompt_id: str) -> tuple[int, int]:
     """Character span of ``piece`` in ``text`` (exact, else whitespace-insensitive), or a clear error."""
-    piece = piece.strip()
-    start = text.find(piece)
-    if start >= 0:
-        return start, start + len(piece)
-    pattern = r"\s+".join(re.escape(w) for w in piece.split())
-    match = re.search(pattern, text) if pattern else None
-    if match is None:
-        raise DataError(f"prompt {prompt_id!r}: instruction {piece[:80]!r} does not occur in the prompt text; "
-                        "an instruction must be a verbatim substring of the prompt (or give instruction_spans)")
-    return match.span()
+    return substring_span(text, piece, prompt_id)
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?:])\s+")
-
-
-def sentence_spans(text: str) -> list[tuple[int, int]]:
-    """Sentences of ``text``: split after ``. ! ? :`` followed by white space (the paper's rule)."""
-    spans, start = [], 0
-    for match in _SENTENCE_END.finditer(text):
-        spans.append((start, match.start()))
-        start = match.end()
-    spans.append((start, len(text)))
-    return [(s, e) for s, e in spans if e > s]
-
-
-def widen_to_sentences(text: str, span: tuple[int, int]) -> tuple[int, int]:
-    """Widen ``span`` to the union of the sentences it touches."""
-    touched = [(s, e) for s, e in sentence_spans(text) if s < span[1] and span[0] < e]
-    return (min(s for s, _ in touched), max(e for _, e in touched)) if touched else span
-
-
-def merge_spans(spans: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
-    merged: list[list[int]] = []
-    for s, e in sorted(spans):
-        if merged and s <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], e)
-        else:
-            merged.append([s, e])
-    return tuple((s, e) for s, e in merged)
+def distinct_spans(spans: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Sorted distinct spans. Spans are never merged: each is aligned and trimmed on its own (A.5)."""
+    return tuple(sorted(set(spans)))
 
 
 # ---- loaders --------------------------------------------------------------------------------------------------
@@ -118,7 +84,7 @@ def load_jsonl(path: str | Path, default_split: str = "default") -> list[Prompt]
             spans = [tuple(s) for s in row["instruction_spans"]]
         else:
             spans = [find_span(text, piece, pid) for piece in row.get("instructions", [])]
-        prompts.append(Prompt(pid, text, merge_spans(spans), row.get("split", default_split),
+        prompts.append(Prompt(pid, text, distinct_spans(spans), row.get("split", default_split),
                               row.get("category", ""), row.get("reference")))
     return prompts
 
@@ -135,7 +101,8 @@ def decode_tsv_escapes(text: str) -> str:
 
 
 def load_final_dataset(path: str | Path) -> list[Prompt]:
-    """The paper's ``FinalDataset.tsv``: each annotated instruction piece widened to its prompt sentence."""
+    """The paper's ``FinalDataset.tsv``, instruction sentences resolved by the authors' rule (methods.md A.5,
+    :func:`tuneshift.instructions.annotated_spans`)."""
     path = _existing(path)
     csv.field_size_limit(1 << 30)
     prompts = []
@@ -147,13 +114,8 @@ def load_final_dataset(path: str | Path) -> list[Prompt]:
                             "ID, Prompt, Response, Instruct&Context")
         for row in reader:
             pid, text = row["ID"], decode_tsv_escapes(row["Prompt"])
-            instruct = decode_tsv_escapes(row["Instruct&Context"]).split("&&&")[0]
-            spans = []
-            for piece in instruct.split("|||"):
-                piece = re.sub(r"^\s*Input:\s*", "", piece).strip()
-                if piece:
-                    spans.append(widen_to_sentences(text, find_span(text, piece, pid)))
-            prompts.append(Prompt(pid, text, merge_spans(spans), _final_dataset_split(pid)))
+            spans = annotated_spans(text, decode_tsv_escapes(row["Instruct&Context"]), pid)
+            prompts.append(Prompt(pid, text, spans, _final_dataset_split(pid)))
     return prompts
 
 
@@ -208,7 +170,7 @@ class EncodedPrompt:
     """A prompt as a model sees it. Index tensors are over the model input (template and BOS included).
 
     ``input_ids``          # [n_prompt_tokens]
-    ``instruction_mask``   # [n_prompt_tokens] bool, tokens overlapping an instruction span
+    ``instruction_mask``   # [n_prompt_tokens] bool, instruction tokens (A.5: overlapping a span, edges trimmed)
     ``content_mask``       # [n_prompt_tokens] bool, tokens overlapping the user's prompt text
     ``response_ids``       # [n_response_tokens] or None until a response is generated or given
     """
@@ -256,22 +218,14 @@ def encode_prompt(tokenizer, prompt: Prompt, chat_template: bool = False) -> Enc
     ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
     if add_bos and (not ids or ids[0] != tokenizer.bos_token_id):
         ids, offsets = [tokenizer.bos_token_id] + ids, [(0, 0)] + offsets
-    starts = torch.tensor([s for s, _ in offsets]) - shift
-    ends = torch.tensor([e for _, e in offsets]) - shift
-    real = ends > starts  # special tokens have empty offsets
-
-    def overlaps(spans: Sequence[tuple[int, int]]) -> torch.Tensor:
-        mask = torch.zeros(len(ids), dtype=torch.bool)
-        for s, e in spans:
-            hit = real & (starts < e) & (ends > s)
-            if not hit.any():
-                raise DataError(f"prompt {prompt.id!r}: instruction span {prompt.text[s:e]!r} covers no token; "
-                                "check the dataset's instruction annotation against the prompt text")
-            mask |= hit
-        return mask
-
-    return EncodedPrompt(prompt, torch.tensor(ids), overlaps(prompt.instruction_spans),
-                         overlaps([(0, len(prompt.text))]), tokenizer.convert_ids_to_tokens(ids))
+    starts = np.array([s for s, _ in offsets], dtype=np.int64) - shift   # [n_tokens], prompt coordinates
+    ends = np.array([e for _, e in offsets], dtype=np.int64) - shift
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    edges = edge_tokens(token_surfaces(tokenizer, tokens))
+    instruction = align_spans(starts, ends, prompt.instruction_spans, edges, prompt.id, prompt.text)
+    content = (ends > starts) & (starts < len(prompt.text)) & (ends > 0)
+    return EncodedPrompt(prompt, torch.tensor(ids), torch.from_numpy(instruction), torch.from_numpy(content),
+                         tokens)
 
 
 def left_pad(sequences: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,7 +1,8 @@
-"""Tiny random models of every supported family and an offline tokenizer, for tests and the smoke default.
+"""Tiny random models of every supported family and offline tokenizers, for tests and the smoke default.
 
 Nothing here downloads anything: the tokenizer is a byte-level BPE trained in about a second on the
-built-in prompts, and each model is built from a config with random weights (seeded).
+built-in prompts, and each model is built from a config with random weights (seeded). Two more tokenizers
+mimic the other families' pieces (LLaMA's SentencePiece, Gemma's) for the instruction-alignment tests.
 """
 from __future__ import annotations
 
@@ -104,3 +105,67 @@ def save_tiny_model(path: str | Path, family: str = "llama", seed: int = 0) -> P
     tiny_model(family, seed).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+# ---- tokenizers of the other families' kinds (instruction-token alignment tests) ------------------------------
+_STYLE_CORPUS = [
+    'Rewrite the quote below in plain words. Keep it under 20 words, and name the speaker.',
+    'Answer this question: "What is 2 + 2?" Then explain your answer in 3 steps.',
+    'Input: "Time is money," he said. Output: the answer is 4. She said "hello" and left.',
+    'Summarize the text. Translate the sentence into French. List 5 ideas for a party.',
+]
+
+
+def _piece_split():
+    """Pieces as SentencePiece vocabularies have them: ``▁`` + letters, ``▁`` + punctuation (``▁"``), one
+    digit, a bare ``▁``, a run of white space (``\n\n``); BPE never merges across these."""
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Split(Regex("\u2581?\\p{L}+|\u2581?[^\\p{L}\\p{N}\\s\u2581]+|\\p{N}|\u2581|\\s+"),
+                                behavior="isolated")
+
+
+def _style_tokenizer(normalizer, pre_tokenizer, decoder, newline_piece: bool,
+                     vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-fallback BPE trained in well under a second on the built-in prompts plus a few sentences with
+    quotes, digits and ``Input:``/``Output:`` labels (so that ``▁"``, a bare ``▁`` and ``\n\n`` occur)."""
+    from tokenizers import Tokenizer, models, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoder
+    byte_pieces = [f"<0x{i:02X}>" for i in range(256)]
+    corpus = _training_text() + _STYLE_CORPUS * 20
+    if newline_piece:  # Gemma keeps "\n" and "\n\n" as pieces; LLaMA's SentencePiece falls back to <0x0A>
+        corpus = [t.replace(". ", ".\n") + "\n\nOutput:" for t in corpus]
+    else:
+        corpus = [t.replace("\n", " ") for t in corpus]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", *byte_pieces],
+                                  show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<unk>", padding_side="left")
+
+
+@functools.lru_cache(maxsize=2)
+def sentencepiece_tokenizer(vocab_size: int = 900) -> PreTrainedTokenizerFast:
+    """A LLaMA-style SentencePiece BPE: ``▁`` word prefix (a dummy one at the start), digits split with a
+    bare ``▁`` before them, byte fallback (a newline is ``<0x0A>``), and ``▁"`` as one piece."""
+    from tokenizers import decoders, pre_tokenizers
+
+    pre = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first"),
+                                   _piece_split()])
+    dec = decoders.Sequence([decoders.Metaspace(replacement="\u2581", prepend_scheme="first"),
+                             decoders.ByteFallback(), decoders.Fuse()])
+    return _style_tokenizer(None, pre, dec, newline_piece=False, vocab_size=vocab_size)
+
+
+@functools.lru_cache(maxsize=2)
+def gemma_style_tokenizer(vocab_size: int = 900) -> PreTrainedTokenizerFast:
+    """A Gemma-style BPE: spaces normalised to ``▁`` (no dummy prefix), newlines kept as literal ``\\n`` and
+    ``\\n\\n`` pieces, digits split, byte fallback; Gemma's decoder (replace ``▁``, bytes, fuse)."""
+    from tokenizers import decoders, normalizers
+
+    pre = _piece_split()
+    dec = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return _style_tokenizer(normalizers.Replace(" ", "\u2581"), pre, dec, newline_piece=True,
+                            vocab_size=vocab_size)

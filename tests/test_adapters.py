@@ -8,8 +8,8 @@ Attention: every family gets the *full* recompute (q/k/v per head, position sche
 grouped-query heads via ``kv_head_of``, then ``W_O``): llama, mistral, qwen2, gemma, gemma2, gemma3, phi3,
 gpt2, gpt_neox, plus a Phi-3 with partial rotary. What is taken from the model rather than the adapter, being
 position/scoring scheme rather than weights: cos/sin from the model's own rotary embedding and the family's own
-``apply_rotary_pos_emb`` (handles NeoX's / Phi-3's partial rotary), Gemma3's per-head ``q_norm``/``k_norm``
-modules, Gemma2/3's ``query_pre_attn_scalar`` and Gemma2's logit softcap (config), and per-layer sliding
+``apply_rotary_pos_emb`` (handles NeoX's / Phi-3's partial rotary); Gemma3's per-head ``q_norm``/``k_norm``
+gains come from the adapter (``q_norm_gain``/``k_norm_gain``, ``1 + w``), Gemma2/3's ``query_pre_attn_scalar`` and Gemma2's logit softcap (config), and per-layer sliding
 windows (the attention module's ``sliding_window``; the sequence is longer than Gemma3's tiny window of 8, so
 the window is exercised). No family needs the per-projection fallback.
 """
@@ -120,6 +120,11 @@ def _rotate(model: torch.nn.Module, attn: torch.nn.Module, q: torch.Tensor, k: t
     return sys.modules[type(attn).__module__].apply_rotary_pos_emb(q, k, cos, sin)
 
 
+def head_norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-head RMSNorm written out: ``x / sqrt(mean_j x_j^2 + eps) * gain`` over the last (d_head) axis."""
+    return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt() * gain
+
+
 def recompute_attention(run: Run, layer: int, x: torch.Tensor) -> torch.Tensor:
     """x [B, T, d_model] (ln1 output) -> attention block output [B, T, d_model]."""
     model, adapter, cfg = run.model, run.adapter, run.adapter.config
@@ -128,8 +133,9 @@ def recompute_attention(run: Run, layer: int, x: torch.Tensor) -> torch.Tensor:
     q = _heads(x, adapter.W_Q(layer), b_q)                                       # [B, n_heads, T, d_head]
     k = _heads(x, adapter.W_K(layer), b_k)                                       # [B, n_kv_heads, T, d_head]
     v = _heads(x, adapter.W_V(layer), b_v)                                       # [B, n_kv_heads, T, d_head]
-    if hasattr(attn, "q_norm"):  # Gemma3: RMS norms over each head's q and k, before rotary
-        q, k = attn.q_norm(q), attn.k_norm(k)
+    if adapter.q_norm_gain(layer) is not None:  # Gemma3: RMS norms over each head's q and k, before rotary
+        q = head_norm(q, adapter.q_norm_gain(layer), adapter.q_norm_eps(layer))
+        k = head_norm(k, adapter.k_norm_gain(layer), adapter.k_norm_eps(layer))
     if adapter.positions == "rotary":
         q, k = _rotate(model, attn, q, k)
     kv = adapter.kv_head_of(torch.arange(adapter.n_heads))                      # [n_heads] -> kv head index
@@ -212,6 +218,32 @@ def test_norm_gains(name):
         sites += [(a.layer_path(layer, "ln1"), a.ln1_gain(layer)), (a.layer_path(layer, "ln2"), a.ln2_gain(layer))]
     for path, gain in sites:
         _close(recompute_norm(a, a.module(path), run.acts[f"{path}.in"], gain), run.acts[f"{path}.out"])
+
+
+def test_gemma3_query_and_key_norms():
+    """The model's q and k (after q_norm/k_norm, before RoPE) from the adapter alone; x W_Q without them is
+    far off, and every family without such norms reports None."""
+    model = tiny_model("gemma3")
+    a = ModelAdapter(model)
+    ids = torch.randint(5, 500, (B, T), generator=torch.Generator().manual_seed(0))
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [a.module(a.layer_path(1, part)).register_forward_hook(
+        lambda _m, inputs, out, part=part: seen.update({part: out, f"{part}.in": inputs[0]}))
+        for part in ("ln1", "q_norm", "k_norm")]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    x = seen["ln1"]                                                              # [B, T, d_model]
+    q_raw, k_raw = _heads(x, a.W_Q(1), None), _heads(x, a.W_K(1), None)          # [B, H, T, d_head]
+    _close(head_norm(q_raw, a.q_norm_gain(1), a.q_norm_eps(1)), seen["q_norm"])
+    _close(head_norm(k_raw, a.k_norm_gain(1), a.k_norm_eps(1)), seen["k_norm"])
+    gain = a.module(a.layer_path(1, "q_norm")).weight + 1.0                      # Gemma's 1 + w
+    assert torch.equal(a.q_norm_gain(1), gain) and a.q_norm_gain(1).shape == (a.d_head,)
+    assert float((q_raw - seen["q_norm"]).norm() / seen["q_norm"].norm()) > 0.3    # x W_Q alone is not q
+    for family in ("llama", "gemma2", "qwen2", "gpt2"):
+        other = ModelAdapter(tiny_model(family))
+        assert other.q_norm_gain(0) is None and other.k_norm_gain(0) is None and other.q_norm_eps(0) is None
 
 
 @pytest.mark.parametrize("name", ALL)

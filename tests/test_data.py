@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -10,10 +11,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from tuneshift.data import (DataError, Prompt, encode_prompt, left_pad, load_final_dataset, load_jsonl, load_prompts,
-                            sentence_spans, widen_to_sentences)
+                            sentence_spans)
 from tuneshift.testing import tiny_tokenizer
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "datasets"
+REFERENCE = Path(os.environ.get("TUNESHIFT_REFERENCE",
+                            Path(__file__).resolve().parents[2] / "shared" / "reference")) / "datasets"
 
 
 def _whitespace_tokenizer() -> PreTrainedTokenizerFast:
@@ -62,7 +64,6 @@ def test_span_errors_name_the_prompt(tmp_path):
 def test_sentences_split_after_punctuation_and_colon():
     text = "Rewrite this. Be brief! Why? Input: the text"
     assert [text[s:e] for s, e in sentence_spans(text)] == ["Rewrite this.", "Be brief!", "Why?", "Input:", "the text"]
-    assert widen_to_sentences(text, (16, 18)) == (14, 23)
 
 
 def test_builtin_set_covers_the_task_kinds():
@@ -76,15 +77,21 @@ def test_builtin_set_covers_the_task_kinds():
 
 
 @pytest.mark.skipif(not (REFERENCE / "FinalDataset.tsv").is_file(), reason="shared reference data not present")
-def test_final_dataset_spans_widen_to_sentences():
+def test_final_dataset_spans_are_whole_sentences():
     prompts = {p.id: p for p in load_final_dataset(REFERENCE / "FinalDataset.tsv")}
     assert len(prompts) == 632
     assert sum(p.split == "self_instruct" for p in prompts.values()) == 252
-    # an annotated fragment ("can you suggest ... San Francisco?") widens to its whole sentence
+    # an annotated fragment ("can you suggest ... San Francisco?") becomes its whole sentence
     p = prompts["lima_author_48"]
     assert p.instruction_text[0].startswith("My friends are visiting California soon, can you suggest")
-    # "Input: " prefixes are stripped from the annotation and never become instruction text
-    assert all("Input:" not in t for t in prompts["user_oriented_task_0"].instruction_text)
+    # the three sentences of user_oriented_task_0, each its own span; its "Input:" label adds nothing
+    assert prompts["user_oriented_task_0"].instruction_text == [
+        "The sentence you are given might be too wordy, complicated, or unclear.",
+        "Rewrite the sentence and make your writing clearer by keeping it concise.",
+        "Whenever possible, break complex sentences into multiple sentences and eliminate unnecessary words."]
+    # a line break ends every sentence, so no span holds a newline or an Input:/Output: label
+    texts = [t for p in prompts.values() for t in p.instruction_text]
+    assert not any("\n" in t or "Output:" in t or t.startswith("Input:") for t in texts)
 
 
 def test_left_pad_positions_count_real_tokens():

@@ -13,7 +13,7 @@ from tuneshift.loggers import Logger
 from tuneshift.plugin import PluginError, build_options, build_plugins
 from tuneshift.results import ResultStore
 from tuneshift.testing import tiny_model, tiny_tokenizer
-from tuneshift.plugins.ffn_concepts import FFNConceptsOptions, FFNConceptsPlugin
+from tuneshift.plugins.ffn_concepts import FFNConceptsOptions, FFNConceptsPlugin, stats
 
 R = 8
 
@@ -107,6 +107,27 @@ def test_a_model_compared_with_itself_has_not_rotated(pair_run):
     assert (rot["best_tuned_rank"] == rot["rank"]).all() and np.allclose(rot["top_words_jaccard"], 1)
     tt = pair_run.store.load_table("ffn_concepts", ResultStore.compare_key("base", "same"), "ttests")
     assert np.allclose(tt["base_mean"], tt["tuned_mean"])
+
+
+def test_rotation_compares_proper_subspaces(tmp_path, recwarn):
+    """R = d_model directions span the whole space (every angle 0): only d/4 of them are compared."""
+    ctx = types.SimpleNamespace(store=ResultStore(tmp_path / "run"), logger=RecordingLogger(), cfg=None,
+                                progress=False)
+    plugin = FFNConceptsPlugin(FFNConceptsOptions(n_directions=64, annotate=False, word_limit=2000, layers=[0]))
+    plugin.on_model_end(ctx, _run("base", "gpt2", 0))
+    plugin.on_model_end(ctx, _run("tuned", "gpt2", 1))
+    plugin.on_compare(ctx, "base", "tuned")
+    layers = ctx.store.load_table("ffn_concepts", ResultStore.compare_key("base", "tuned"), "rotation_layers")
+    assert layers["n_directions"].tolist() == [16] and not [w for w in recwarn.list if "ffn" in str(w.message)]
+    # random independent models: the angles sit at the chance level, far from 0
+    assert layers["mean_angle_deg"].iloc[0] == pytest.approx(layers["chance_mean_angle_deg"].iloc[0], abs=8)
+    page = (ctx.store.dir("ffn_concepts", ResultStore.compare_key("base", "tuned")) / "view_layer0.html").read_text()
+    assert page.count("not compared") == 50 - 16   # html_rows 50: ranks 16..49 are beyond the compared 16
+    plugin.options.rotation_directions = 64
+    with pytest.warns(stats.VacuousRotationWarning, match="vacuous"):
+        plugin.on_compare(ctx, "base", "tuned")
+    layers = ctx.store.load_table("ffn_concepts", ResultStore.compare_key("base", "tuned"), "rotation_layers")
+    assert layers["n_directions"].tolist() == [64] and layers["max_angle_deg"].iloc[0] < 1e-2
 
 
 def test_options_validation():

@@ -9,8 +9,9 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from tuneshift.plugins.ffn_concepts.stats import (ALL, best_match, group_label, jaccard_rows, principal_angles,
-                                        rotation_layer, shares, student_t, ttests, word_ids)
+from tuneshift.plugins.ffn_concepts.stats import (ALL, VacuousRotationWarning, best_match, chance_angles,
+                                                  compared_directions, group_label, jaccard_rows, principal_angles,
+                                                  rotation_layer, shares, student_t, ttests, word_ids)
 
 E = torch.eye(6)
 
@@ -66,6 +67,46 @@ def test_rotation_layer_of_a_model_with_itself_and_of_a_swap():
     assert table["best_tuned_rank"].tolist() == [1, 0, 2, 3]
     assert np.allclose(table["top_words_jaccard"], 1) and summary["share_matched_same_rank"] == 0.5
     assert summary["chance_cos2"] == pytest.approx(4 / 6) and summary["mean_cos2"] == pytest.approx(1.0)
+
+
+def test_compared_directions_rule_and_warning(recwarn):
+    assert compared_directions(300, 256) == 64                  # the d/4 cap
+    assert compared_directions(300, 4096) == 300                # R itself when R < d/4
+    assert compared_directions(8, 256, requested=100) == 8      # never more than were computed
+    assert compared_directions(300, 3) == 1
+    assert not recwarn.list
+    with pytest.warns(VacuousRotationWarning, match="at least 88 dimensions.*88 of the 172"):
+        compared_directions(300, 256, requested=172)
+    with pytest.warns(VacuousRotationWarning, match="all of them: the comparison is vacuous"):
+        compared_directions(300, 256, requested=256)
+    with pytest.raises(ValueError, match="rotation_directions must be >= 0"):
+        compared_directions(300, 256, requested=-1)
+
+
+def test_chance_angles_by_hand():
+    """Random lines: in the plane the angle is uniform on [0, 90] (mean 45 deg, E|cos| = 2/pi); in R^3 |cos|
+    is uniform on [0, 1] (mean angle = 1 rad, E|cos| = 1/2)."""
+    angle, best = chance_angles(1, 1, 2, draws=4000)
+    assert angle[0] == pytest.approx(45.0, abs=1.5) and best == pytest.approx(2 / math.pi, abs=0.015)
+    angle, best = chance_angles(1, 1, 3, draws=4000)
+    assert angle[0] == pytest.approx(math.degrees(1.0), abs=1.5) and best == pytest.approx(0.5, abs=0.015)
+    # two 5-dim subspaces of R^8 share >= 2 dimensions: the first two chance angles are 0, the rest are not
+    angles, _ = chance_angles(5, 5, 8, draws=16)
+    assert np.allclose(angles[:2], 0, atol=1e-5) and (angles[2:] > 5).all()
+    assert (np.diff(angles) >= 0).all()
+
+
+def test_rotation_layer_puts_chance_beside_every_angle():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.linalg.qr(torch.randn(32, 4, generator=gen))[0].T
+    b = torch.linalg.qr(torch.randn(32, 4, generator=gen))[0].T
+    table, summary = rotation_layer(a, b, np.array([["w"]] * 4), np.array([["w"]] * 4))
+    want, best = chance_angles(4, 4, 32)
+    assert np.allclose(table["chance_angle_deg"], want)
+    assert summary["chance_mean_angle_deg"] == pytest.approx(want.mean())
+    assert summary["chance_max_angle_deg"] == pytest.approx(want.max())
+    assert summary["chance_best_abs_cos"] == pytest.approx(best) and summary["chance_cos2"] == 4 / 32
+    assert list(table.columns[1:3]) == ["principal_angle_deg", "chance_angle_deg"]
 
 
 def test_student_t_matches_scipy_and_hand_value():

@@ -208,3 +208,28 @@ def test_pair_order_ties_within_tolerance_go_by_place():
     sim = np.array([0.5, 0.5 + 1e-15, 0.7, 0.4, 0.9])  # (a,c) and (c,a) may differ in the last bit
     pos = np.array([5, 3, 8, 1, 0])
     assert order_pairs(head, rank, sim, pos).tolist() == [2, 1, 0, 3, 4]
+
+
+def test_gemma3_qk_norm_gains_enter_per_dim():
+    """Gemma-3's per-head q/k norm gains scale dim j of every q (k) by gq[j] (gk[j]): the miner equals the
+    naive loop with the gains, and the gains move energies and ranks against qk_norm="none"."""
+    from tuneshift.plugins.head_relations.mining import qk_norm_gains
+
+    _, adapter, e_w, vectors, present = _inputs("gemma3")
+    tau = thresholds(vectors, present, N_BASE, 1.96)
+    with_gain = list(mine_model(adapter, e_w, vectors, tau, MiningSettings(top_k=K, head_chunk=2, item_chunk=9)))
+    plain = list(mine_model(adapter, e_w, vectors, tau, MiningSettings(top_k=K, qk_norm="none")))
+    for layer, (g, p) in enumerate(zip(with_gain, plain)):
+        _compare(g, naive_layer(adapter, layer, e_w, vectors.numpy(), tau.tolist(), K))
+        _compare(p, naive_layer(adapter, layer, e_w, vectors.numpy(), tau.tolist(), K, qk_norm="none"))
+        gq, gk = qk_norm_gains(adapter, layer)
+        # energies by hand: N_j = gq_j^2 * sum_w Q_plain^2 + gk_j^2 * sum_w K_plain^2, from the plain miner's parts
+        wq = adapter.ln1_gain(layer)[None, :, None] * adapter.W_Q(layer)
+        q_part = ((e_w.double() @ wq.double()) ** 2).sum(1)                     # [H, d_h]
+        k_part = p.energy - q_part.numpy()
+        np.testing.assert_allclose(g.energy, gq.double().numpy() ** 2 * q_part.numpy()
+                                   + gk.double().numpy() ** 2 * k_part, rtol=1e-4)
+        assert (g.rank != p.rank).sum() > adapter.n_heads * adapter.d_head // 4   # many dims change rank
+    assert qk_norm_gains(ModelAdapter(tiny_model("llama")), 0) is None
+    with pytest.raises(ValueError, match="qk_norm must be one of gain, none"):
+        MiningSettings(qk_norm="rms")

@@ -50,7 +50,7 @@ def _naive_column(model, tokenizer, spec: ModelSpec, prompt, response_ids: torch
     ids = torch.cat([enc.input_ids, response_ids])[None]
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     logits = model(inputs_embeds=embeds).logits[0, enc.n_prompt + m - 1]
-    prob = logits.softmax(-1)[response_ids[m]]
+    prob = logits.double().softmax(-1)[response_ids[m]]  # the target in float64, as tuneshift takes it
     (grad,) = torch.autograd.grad(prob, embeds)
     return (grad[0] * embeds[0]).sum(-1).detach()[: enc.n_prompt][enc.content_mask]
 

@@ -193,3 +193,41 @@ def test_chunk_size_respects_memory_budget():
     assert chunk_size(batch=2, length=100, overhead_tokens=128, max_batch_tokens=1000) == 5   # 5 * 2 * 100
     assert chunk_size(batch=1, length=10, overhead_tokens=128, max_batch_tokens=10**6) == 16  # sqrt(2 * 128)
     assert chunk_size(batch=8, length=1000, overhead_tokens=128, max_batch_tokens=10) == 1
+
+
+def _column_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max over response tokens of |got - want| relative to that column's own largest magnitude."""
+    got, want = got.double(), want.double()
+    return float(((got - want).abs().max(0).values / want.abs().max(0).values).max())
+
+
+def test_confident_tokens_keep_their_precision_in_float32(monkeypatch):
+    """p(y) near 1: the target's derivative holds 1 - p, which float32 rounds away; it is taken in float64.
+
+    The final norm's gain is scaled so that greedy tokens have 1 - p from 1e-8 to 2e-5. A float32 model must
+    then agree with its float64 copy to 1e-4 of each column's maximum; the float32 target it replaced is
+    off by more than the column's maximum itself.
+    """
+    from tuneshift.attribution import passes
+
+    m32 = tiny_model("llama")
+    with torch.no_grad():
+        m32.model.norm.weight.mul_(30.0)
+    m64 = tiny_model("llama").double()
+    m64.load_state_dict({k: v.double() for k, v in m32.state_dict().items()})
+    prompt = torch.randint(5, 500, (12,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        response = m64.generate(prompt[None], max_new_tokens=16, do_sample=False, pad_token_id=0)[0, 12:]
+        logits = m64(torch.cat([prompt, response])[None]).logits[0, 11:-1]
+        p = logits.softmax(-1).gather(-1, response[:, None]).squeeze(-1)
+    assert float((1 - p).max()) < 1e-4 and float((1 - p).min()) < 1e-7        # near one-hot, as intended
+    item = make_item(prompt, response, torch.arange(12) > 0)
+    want = attribute(m64, [item])[0]
+    for mode in ("vjp", "jvp"):
+        assert _column_error(attribute(m32, [item], mode=mode)[0], want) < 1e-4
+
+    def float32_target(logits, targets, target):  # what target_values did before: softmax in float32
+        return torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1).exp()
+
+    monkeypatch.setattr(passes, "target_values", float32_target)
+    assert _column_error(attribute(m32, [item], mode="vjp")[0], want) > 0.5

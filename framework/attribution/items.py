@@ -67,9 +67,15 @@ def model_body(model: nn.Module) -> nn.Module:
     return body
 
 
-def head_logits(model: nn.Module, hidden: Tensor) -> Tensor:
-    """Logits from final hidden states ``[..., d]`` exactly as the model's own forward makes them ``[..., V]``."""
+def head_logits(model: nn.Module, hidden: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Logits from final hidden states ``[..., d]`` exactly as the model's own forward makes them ``[..., V]``.
+
+    With ``dtype`` the output layer's result is cast to it before the soft-cap (the matmul stays in the
+    model's dtype: its weights are never copied).
+    """
     logits = model.get_output_embeddings()(hidden)
+    if dtype is not None:
+        logits = logits.to(dtype)
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:  # Gemma 2/3
         logits = torch.tanh(logits / cap) * cap
@@ -77,11 +83,16 @@ def head_logits(model: nn.Module, hidden: Tensor) -> Tensor:
 
 
 def target_values(logits: Tensor, targets: Tensor, target: Target) -> Tensor:
-    """``f`` of each target token: probability, log-probability or logit. ``[..., V], [...] -> [...]``"""
+    """``f`` of each target token: probability, log-probability or logit, in float64. ``[..., V], [...] -> [...]``
+
+    Always float64, whatever the model's dtype: for a confident token (p near 1) the derivative
+    ``p * (onehot - softmax)`` holds ``1 - p``, which float32 rounds away (up to 4 % of a column's maximum on
+    the organism, enough to move integer levels of S). Only these M x V values are cast; autograd hands
+    the gradient back to the model in its own dtype.
+    """
+    logits = logits.to(torch.float64)
     if target == "logit":
         return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()  # softmax in at least fp32
     logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return logp.exp() if target == "prob" else logp
 

@@ -17,12 +17,14 @@ from tuneshift.attribution.plan import sliding_window
 def output_cotangents(model: nn.Module, hidden: Tensor, lay: Layout, target: Target) -> Tensor:
     """``g[b, m] = d f_m / d h`` at the column predicting response token m, zero past a row's end. ``[B, M, d]``
 
+    The target (logits to p, M x V values) is computed in float64; ``g`` comes back in the model's dtype.
+
     ``hidden [B, M, d]`` are the body's outputs at those columns. One backward through the output layer at the
     M response columns only: the vocabulary-sized matmul is never repeated per response token.
     """
     hidden = hidden.detach().requires_grad_(True)
     with torch.enable_grad():
-        values = target_values(head_logits(model, hidden), lay.targets, target)     # [B, M]
+        values = target_values(head_logits(model, hidden, torch.float64), lay.targets, target)  # [B, M] fp64
         (grad,) = torch.autograd.grad((values * lay.resp_valid).sum(), hidden)
     return grad.detach()
 

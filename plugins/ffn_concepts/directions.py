@@ -8,16 +8,19 @@ Method C, steps 1-2 (``shared/docs/methods.md``)::
     rho_r  = s_r^2 / sum_all s^2           # total variance = ||Xc||_F^2 = trace(Xc^T Xc): cheap, exact
     cos    = normalize(E_W_out) @ V_R      # [n_words, R]; top words of direction r by |cos[:, r]|
 
-Only the first R directions are needed, so three solvers are offered:
+Only the first R directions are needed; two exact solvers are offered:
 
 - ``eigh`` (default): eigendecomposition of the ``[d, d]`` covariance ``Xc^T Xc`` in float64
-  (O(d_ff d^2 + d^3)); exact to float precision and the fastest of the three on SmolLM2-135M.
-- ``randomized``: Halko-Martinsson-Tropp range finder with ``oversampling`` extra columns and
-  ``power_iterations`` QR-stabilised power steps; cost O(d_ff * d * (R + p) * (2q + 2)). Cheaper only when
-  R << d, and accurate only where the spectrum decays: FFN value vectors have a flat one (on SmolLM2 the
-  first 300 of 576 directions hold 82% of the variance), so beyond the leading directions its directions
-  drift (``benchmarks/bench_ffn_concepts.py`` measures how far). Use it for large d with few directions.
+  (O(d_ff d^2 + d^3)); exact to float precision and the fastest on every model measured.
 - ``full``: thin SVD of ``Xc`` (the reference).
+
+There is no randomized SVD (it was removed): FFN value vectors have a flat spectrum (on SmolLM2 the first
+300 of 576 directions hold 82 % of the variance, and neighbouring singular values differ by well under
+1 %), so a randomized range finder converges slowly. With 10 extra columns and 4 power steps its variance
+ratios were off by 6-10 % and nearly every direction's word list differed from the exact one; reaching
+1e-5 of the exact directions took 64 power steps at R = 8 (1.8x the time of ``eigh``) and a sketch as
+wide as d itself at R = 300 (5x). An accurate randomized SVD is slower than ``eigh`` here at every R
+(``benchmarks/bench_ffn_concepts.py`` measures ``torch.svd_lowrank`` against both).
 
 Signs are fixed by one rule for every solver (the largest-magnitude coordinate of each direction is
 positive), so results are comparable across solvers and runs; every downstream use is sign-free anyway
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-SVD_METHODS = ("randomized", "eigh", "full")
+SVD_METHODS = ("eigh", "full")
 
 
 @dataclass(frozen=True)
@@ -55,35 +58,16 @@ def _fix_signs(vectors: torch.Tensor) -> torch.Tensor:
     return vectors * torch.where(pivot < 0, -1.0, 1.0).to(vectors.dtype)
 
 
-def randomized_svd(x: torch.Tensor, rank: int, oversampling: int = 10, power_iterations: int = 4,
-                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """First ``rank`` singular values ``[rank]`` and right singular vectors ``[rank, d]`` of ``x`` ``[n, d]``.
-
-    Halko et al. (2011), Algorithm 4.4: a Gaussian test matrix ``[d, rank + oversampling]``, then
-    ``power_iterations`` rounds of ``Q <- qr(X qr(X^T Q))`` (re-orthonormalised each half-step, so the
-    small singular values are not lost to rounding), then an exact SVD of the small ``Q^T X``.
-    """
-    n, d = x.shape
-    width = min(rank + oversampling, n, d)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    omega = torch.randn(d, width, generator=gen, dtype=x.dtype).to(x.device)  # [d, k]
-    q, _ = torch.linalg.qr(x @ omega)  # [n, k]
-    for _ in range(power_iterations):
-        z, _ = torch.linalg.qr(x.T @ q)  # [d, k]
-        q, _ = torch.linalg.qr(x @ z)  # [n, k]
-    _, s, vh = torch.linalg.svd(q.T @ x, full_matrices=False)  # [k], [k, d]
-    return s[:rank], vh[:rank]
-
-
-def principal_directions(value_vectors: torch.Tensor, rank: int = 300, method: str = "eigh",
-                         oversampling: int = 10, power_iterations: int = 4, seed: int = 0) -> Directions:
+def principal_directions(value_vectors: torch.Tensor, rank: int = 300, method: str = "eigh") -> Directions:
     """Principal directions of the rows of ``value_vectors`` ``[d_ff, d_model]`` (centred over rows).
 
     ``rank`` is capped at ``min(d_ff, d_model)``. Computation runs in float32 on the tensor's device
     (``eigh`` in float64); the result is float32 on the same device.
     """
     if method not in SVD_METHODS:
-        raise ValueError(f"svd_method {method!r} is unknown; choose one of {', '.join(SVD_METHODS)}")
+        hint = (" (the randomized solver was removed: on the flat spectra of FFN value vectors it is either "
+                "inaccurate or slower than eigh)") if method == "randomized" else ""
+        raise ValueError(f"svd_method {method!r} is unknown{hint}; choose one of {', '.join(SVD_METHODS)}")
     if value_vectors.ndim != 2:
         raise ValueError(f"value vectors must be [d_ff, d_model], got shape {tuple(value_vectors.shape)}")
     if rank < 1:
@@ -95,14 +79,12 @@ def principal_directions(value_vectors: torch.Tensor, rank: int = 300, method: s
     if method == "full":
         _, s, vh = torch.linalg.svd(x, full_matrices=False)
         s, vh = s[:rank], vh[:rank]
-    elif method == "eigh":
+    else:  # eigh
         xd = x.double()
         evals, evecs = torch.linalg.eigh(xd.T @ xd)  # ascending
         top = torch.arange(evals.shape[0] - 1, evals.shape[0] - 1 - rank, -1, device=x.device)
         s = evals[top].clamp_min(0).sqrt().float()
         vh = evecs[:, top].T.float()
-    else:
-        s, vh = randomized_svd(x, rank, oversampling, power_iterations, seed)
     ratio = (s.double() ** 2 / total).float() if total > 0 else torch.zeros_like(s)
     return Directions(_fix_signs(vh).contiguous(), s, ratio, total)
 

@@ -12,7 +12,9 @@ Per model (``on_model_end``, weights only), written under ``ffn_concepts/<model>
 Per pair (``on_compare``), under ``ffn_concepts/compare/<base>__<tuned>/``: ``shares.parquet`` (task and
 level shares per model/seed/layer group), ``ttests.parquet``, ``rotation.parquet`` (per layer and base
 rank: principal angle, best tuned match, |cos|, top-word Jaccard), ``rotation_layers.parquet``,
-``summary.json``, ``view_layer<l>.html`` (base beside tuned) and PNG plots.
+``summary.json``, ``view_layer<l>.html`` (base beside tuned) and PNG plots. The rotation compares the first
+k = min(R, d_model // 4) directions (``rotation_directions`` overrides; > d/2 warns), each angle beside the
+same angle between random subspaces of the same sizes (``chance_*``).
 """
 from __future__ import annotations
 
@@ -40,10 +42,8 @@ class FFNConceptsOptions:
     word_list: str = "builtin"  # "builtin", "tokenizer" or a word<TAB>frequency file
     word_limit: int = 20000  # the most frequent words kept (0: all)
     layers: Optional[list[int]] = None  # layers to analyse (None: all)
-    svd_method: str = "eigh"  # eigh (exact, fastest at d <= ~4k) | randomized (R << d) | full
-    oversampling: int = 10  # randomized SVD: extra random columns
-    power_iterations: int = 4  # randomized SVD: power steps
-    svd_seed: int = 0  # randomized SVD: test-matrix seed
+    svd_method: str = "eigh"  # eigh (exact, the fastest measured) | full
+    rotation_directions: int = 0  # directions compared base vs tuned (0: min(R, d_model // 4); warns if > d/2)
     word_chunk: int = 16384  # words per matmul in the top-word search
     device: str = "auto"  # "auto": the model's device; else e.g. "cpu", "cuda"
     annotate: bool = True  # run the annotator (False: directions and words only)
@@ -132,7 +132,9 @@ class FFNConceptsPlugin(Plugin):
             path = store.save_text(self.name, cmp, f"view_layer{int(layer)}.html", page)
             ctx.logger.log_html(f"{self.name}/{cmp}/view_layer{int(layer)}", path)
         plot_dir = store.dir(self.name, cmp)
-        pngs = {"principal_angles": views.plot_rotation(layer_summary, angles, plot_dir / "principal_angles.png")}
+        chance = rotation.loc[rotation["layer"] == rotation["layer"].iloc[0], "chance_angle_deg"].to_numpy()
+        pngs = {"principal_angles": views.plot_rotation(layer_summary, angles, plot_dir / "principal_angles.png",
+                                                        chance)}
         if share_table is not None:
             pngs["task_shares"] = views.plot_shares(share_table, "task", base, tuned, plot_dir / "task_shares.png")
             pngs["level_shares"] = views.plot_shares(share_table, "level", base, tuned,
@@ -163,8 +165,7 @@ class FFNConceptsPlugin(Plugin):
                                                      words.words))  # [n_words, d]
             per_layer = []
             for layer in layers:
-                d = principal_directions(adapter.W_down(layer).to(device), o.n_directions, o.svd_method,
-                                         o.oversampling, o.power_iterations, o.svd_seed)
+                d = principal_directions(adapter.W_down(layer).to(device), o.n_directions, o.svd_method)
                 per_layer.append((d, top_words(e_out, d.vectors, o.n_words, o.word_chunk)))
         arrays = {
             "layers": np.array(layers),
@@ -220,7 +221,8 @@ class FFNConceptsPlugin(Plugin):
 
     def rotation(self, arrays: dict[str, dict[str, np.ndarray]], tables: dict[str, pd.DataFrame], base: str,
                  tuned: str) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
-        """Per-direction rotation rows, per-layer summaries and the ``[n_layers, R]`` principal angles."""
+        """Per-direction rotation rows, per-layer summaries and the ``[n_layers, k]`` principal angles, over
+        the first k directions of each model (:func:`stats.compared_directions`: d/4 unless asked for)."""
         a, b = arrays[base], arrays[tuned]
         common = [int(x) for x in a["layers"] if x in set(b["layers"].tolist())]
         if not common:
@@ -228,13 +230,15 @@ class FFNConceptsPlugin(Plugin):
         if a["vectors"].shape[2] != b["vectors"].shape[2]:
             raise ValueError(f"ffn_concepts: {base!r} and {tuned!r} have different d_model "
                              f"({a['vectors'].shape[2]} vs {b['vectors'].shape[2]}); they are not a base/tuned pair")
+        k = stats.compared_directions(min(a["vectors"].shape[1], b["vectors"].shape[1]), a["vectors"].shape[2],
+                                      self.options.rotation_directions)
         rows, summaries, angles = [], [], []
         for layer in common:
             ia, ib = int(np.flatnonzero(a["layers"] == layer)[0]), int(np.flatnonzero(b["layers"] == layer)[0])
-            wa = np.stack(_seed0(tables[base], layer)["top_words"].map(np.asarray).to_list())
-            wb = np.stack(_seed0(tables[tuned], layer)["top_words"].map(np.asarray).to_list())
-            rot, summary = stats.rotation_layer(torch.from_numpy(a["vectors"][ia]), torch.from_numpy(b["vectors"][ib]),
-                                                wa.astype(str), wb.astype(str))
+            wa = np.stack(_seed0(tables[base], layer)["top_words"].map(np.asarray).to_list())[:k]
+            wb = np.stack(_seed0(tables[tuned], layer)["top_words"].map(np.asarray).to_list())[:k]
+            rot, summary = stats.rotation_layer(torch.from_numpy(a["vectors"][ia, :k]),
+                                                torch.from_numpy(b["vectors"][ib, :k]), wa.astype(str), wb.astype(str))
             rows.append(rot.assign(layer=layer))
             summaries.append({"layer": layer, **summary})
             angles.append(rot["principal_angle_deg"].to_numpy())

@@ -6,17 +6,24 @@ Distributions (the paper's): per model and seed, among *explainable* directions 
 at each linguistic level; per group of ``group_size`` layers and over all layers (group ``"all"``).
 Base vs tuned: Student's t-test (equal variances) over the seed shares, ``scipy.stats.ttest_ind(tuned, base)``.
 
-Rotation (what the paper never measured), per layer, for the first-R direction matrices ``A`` (base) and
-``B`` (tuned), rows orthonormal ``[R, d]``:
+Rotation (what the paper never measured), per layer, between the first k directions of each model, ``A``
+(base) and ``B`` (tuned), rows orthonormal ``[k, d]``:
 
-- principal angles between the two R-dimensional subspaces: ``cos theta_i = sigma_i(A B^T)``; small
+- k is capped well below the width (:func:`compared_directions`): at most ``d // 4`` unless asked for.
+  Two k-dim subspaces of R^d with ``2k > d`` share at least ``2k - d`` dimensions by counting alone, so
+  that many angles are 0 whatever tuning did; at ``k = d`` every angle is 0 (the comparison is vacuous,
+  and asking for it warns). At ``k <= d/4`` random subspaces are still far apart (mean angle ~60 deg).
+- principal angles between the two k-dimensional subspaces: ``cos theta_i = sigma_i(A B^T)``; small
   angles are taken from the sines (``sigma(B - B A^T A)``) where they are accurate (Bjorck & Golub 1973).
-  Two random R-dim subspaces of R^d already share ``E[cos^2] = R/d``: reported as ``chance_cos2``.
-- for each base direction, the best-matching tuned direction by ``|cos|`` and the Jaccard overlap of
-  their top words.
+- a chance baseline beside every angle (:func:`chance_angles`): the i-th principal angle between random
+  subspaces of the same sizes, averaged over seeded draws; also ``chance_cos2 = k/d``, the exact mean of
+  ``cos^2`` for random subspaces, and the chance best-match ``|cos|``.
+- for each base direction, the best-matching tuned direction by ``|cos|`` (among the k compared) and the
+  Jaccard overlap of their top words.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Sequence
 
@@ -97,6 +104,55 @@ def ttests(share_table: pd.DataFrame, base: str, tuned: str) -> pd.DataFrame:
 
 
 # ---- rotation ---------------------------------------------------------------------------------------------------
+ROTATION_WIDTH_SHARE = 4   # by default at most d // 4 directions are compared
+CHANCE_DRAWS = 64          # random subspace pairs behind each chance baseline
+
+
+class VacuousRotationWarning(UserWarning):
+    """The compared subspaces are so wide that principal angles are small by dimension count alone."""
+
+
+def compared_directions(available: int, d_model: int, requested: int = 0) -> int:
+    """How many leading directions the rotation compares: ``requested`` (capped at ``available``) or, when
+    ``requested`` is 0, ``min(available, max(1, d_model // 4))``.
+
+    Warns (:class:`VacuousRotationWarning`) when ``2k > d_model``: then at least ``2k - d_model`` principal
+    angles are 0 for any two subspaces, and at ``k = d_model`` all of them.
+    """
+    if requested < 0:
+        raise ValueError(f"ffn_concepts.rotation_directions must be >= 0 (0: the d/4 rule), got {requested}")
+    k = min(available, requested) if requested else min(available, max(1, d_model // ROTATION_WIDTH_SHARE))
+    if 2 * k > d_model:
+        forced = 2 * k - d_model
+        warnings.warn(
+            f"ffn_concepts compares {k} directions of a {d_model}-dim model: any two {k}-dim subspaces share "
+            f"at least {forced} dimensions, so {forced} of the {k} principal angles are 0 whatever tuning did"
+            + (" (all of them: the comparison is vacuous)" if k >= d_model else "")
+            + f"; compare at most {d_model // 2} (the default rule takes d/4 = {max(1, d_model // 4)}: set "
+            "rotation_directions: 0)", VacuousRotationWarning, stacklevel=2)
+    return k
+
+
+@functools.lru_cache(maxsize=32)
+def _chance(ra: int, rb: int, d: int, draws: int, seed: int) -> tuple[np.ndarray, float]:
+    gen = torch.Generator().manual_seed(seed)
+    angles, best = [], []
+    for _ in range(draws):
+        a = torch.linalg.qr(torch.randn(d, ra, generator=gen, dtype=torch.float64))[0].T   # [ra, d]
+        b = torch.linalg.qr(torch.randn(d, rb, generator=gen, dtype=torch.float64))[0].T   # [rb, d]
+        angles.append(principal_angles(a, b).numpy())
+        best.append(float((a @ b.T).abs().max(dim=1).values.mean()))
+    return np.mean(angles, axis=0), float(np.mean(best))
+
+
+def chance_angles(ra: int, rb: int, d: int, draws: int = CHANCE_DRAWS, seed: int = 0) -> tuple[np.ndarray, float]:
+    """Chance baselines for subspaces of dims ``ra`` and ``rb`` in R^d: the mean (over ``draws`` seeded pairs
+    of uniformly random subspaces) of each principal angle, ascending ``[min(ra, rb)]`` degrees, and of the
+    mean best-match ``|cos|`` of a basis vector of the first with the basis of the second."""
+    angles, best = _chance(ra, rb, d, draws, seed)
+    return angles.copy(), best
+
+
 def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Principal angles in degrees, ascending ``[min(Ra, Rb)]``, between the row spaces of ``a`` ``[Ra, d]``
     and ``b`` ``[Rb, d]`` (rows orthonormal). Computed in float64, accurate at both ends (float32 rows: ~1e-5 deg)."""
@@ -138,28 +194,33 @@ def word_ids(*word_arrays: np.ndarray) -> list[np.ndarray]:
 
 def rotation_layer(a: torch.Tensor, b: torch.Tensor, words_a: np.ndarray, words_b: np.ndarray
                    ) -> tuple[pd.DataFrame, dict]:
-    """Per-direction rotation table and per-layer summary for one layer.
+    """Per-direction rotation table and per-layer summary for one layer, each angle beside its chance value.
 
     Args:
-        a, b: ``[R, d]`` base and tuned directions (rows orthonormal).
-        words_a, words_b: ``[R, k]`` top words (strings) of each direction.
+        a, b: ``[k, d]`` base and tuned directions compared (rows orthonormal; cap them with
+            :func:`compared_directions` first).
+        words_a, words_b: ``[k, n]`` top words (strings) of each direction.
     """
     angles = principal_angles(a, b).numpy()
+    chance, chance_best = chance_angles(a.shape[0], b.shape[0], a.shape[1])
     idx, cos = best_match(a, b)
     idx, cos = idx.numpy(), cos.numpy()
     ida, idb = word_ids(words_a, words_b)
     jac = jaccard_rows(ida, idb[idx])
     same_rank = (a.float() * b.float()).sum(1).abs().numpy() if a.shape == b.shape else np.full(len(idx), np.nan)
     r = len(idx)
-    table = pd.DataFrame({"rank": np.arange(r), "principal_angle_deg": np.pad(angles, (0, r - len(angles)),
-                                                                              constant_values=np.nan),
+    pad = lambda v: np.pad(v, (0, r - len(v)), constant_values=np.nan)  # noqa: E731
+    table = pd.DataFrame({"rank": np.arange(r), "principal_angle_deg": pad(angles), "chance_angle_deg": pad(chance),
                           "best_tuned_rank": idx, "best_abs_cos": cos, "same_rank_abs_cos": same_rank,
                           "top_words_jaccard": jac})
     cos2 = np.cos(np.deg2rad(angles)) ** 2
-    summary = dict(n_directions=r, d_model=a.shape[1], mean_angle_deg=float(angles.mean()),
-                   median_angle_deg=float(np.median(angles)), max_angle_deg=float(angles.max()),
+    summary = dict(n_directions=r, d_model=a.shape[1],
+                   mean_angle_deg=float(angles.mean()), chance_mean_angle_deg=float(chance.mean()),
+                   median_angle_deg=float(np.median(angles)), chance_median_angle_deg=float(np.median(chance)),
+                   max_angle_deg=float(angles.max()), chance_max_angle_deg=float(chance.max()),
                    mean_cos2=float(cos2.mean()), chance_cos2=min(1.0, max(a.shape[0], b.shape[0]) / a.shape[1]),
-                   mean_best_abs_cos=float(cos.mean()), mean_same_rank_abs_cos=float(np.nanmean(same_rank)),
+                   mean_best_abs_cos=float(cos.mean()), chance_best_abs_cos=chance_best,
+                   mean_same_rank_abs_cos=float(np.nanmean(same_rank)),
                    mean_top_words_jaccard=float(jac.mean()),
                    share_matched_same_rank=float((idx == np.arange(r)).mean()))
     return table, summary

@@ -75,10 +75,13 @@ def layer_html(layer: int, base: pd.DataFrame, base_name: str, tuned: pd.DataFra
     for _, row in base.iterrows():  # a page of <= max_rows rows: presentation, not numerics
         cells = _direction_cells(row)
         if tuned is not None and rotation is not None:
-            match = rot.loc[int(row["rank"])]
-            partner = tuned_by_rank.loc[int(match["best_tuned_rank"])]
-            cells += (f'<td class="num">{match["best_abs_cos"]:.3f}<br>{match["top_words_jaccard"]:.2f}</td>'
-                      + _direction_cells(partner))
+            if int(row["rank"]) not in rot.index:  # beyond the k compared directions
+                cells += '<td class="num">not compared</td><td></td><td></td><td></td>'
+            else:
+                match = rot.loc[int(row["rank"])]
+                partner = tuned_by_rank.loc[int(match["best_tuned_rank"])]
+                cells += (f'<td class="num">{match["best_abs_cos"]:.3f}<br>{match["top_words_jaccard"]:.2f}</td>'
+                          + _direction_cells(partner))
         rows.append(f"<tr>{cells}</tr>")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_CSS}</style></head><body>{''.join(head)}<table><tr>{cols}</tr>{''.join(rows)}"
@@ -119,26 +122,33 @@ def plot_shares(share_table: pd.DataFrame, kind: str, base: str, tuned: str, pat
     return _save(fig, path)
 
 
-def plot_rotation(layers: pd.DataFrame, angles: np.ndarray, path: Path) -> Path:
-    """Left: mean/median principal angle and chance level per layer. Right: angle spectrum per layer.
+def plot_rotation(layers: pd.DataFrame, angles: np.ndarray, path: Path, chance: np.ndarray | None = None) -> Path:
+    """Left: mean/median principal angle per layer beside the chance level. Right: each layer's ascending
+    angles beside the chance curve (the same angle between random subspaces of the same sizes).
 
-    ``layers``: one row per layer (layer, mean_angle_deg, median_angle_deg, mean_cos2, chance_cos2,
-    mean_best_abs_cos); ``angles``: ``[n_layers, R]`` degrees, ascending per layer."""
+    ``layers``: one row per layer (layer, mean_angle_deg, median_angle_deg, chance_mean_angle_deg,
+    chance_median_angle_deg, n_directions, d_model); ``angles``: ``[n_layers, k]`` degrees, ascending per
+    layer; ``chance``: ``[k]`` chance angles (ascending)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
     left.plot(layers["layer"], layers["mean_angle_deg"], "o-", label="mean angle")
     left.plot(layers["layer"], layers["median_angle_deg"], "s--", label="median angle")
-    chance = np.rad2deg(np.arccos(np.sqrt(layers["chance_cos2"].clip(0, 1))))
-    left.plot(layers["layer"], chance, ":", color="grey", label="random subspaces (RMS cos)")
+    left.plot(layers["layer"], layers["chance_mean_angle_deg"], ":", color="grey", label="mean, random subspaces")
     left.set_xlabel("layer")
     left.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_ylabel("principal angle (deg)")
-    left.set_title("base vs tuned R-dim subspaces")
+    left.set_ylim(0, 90)
+    k, d = int(layers["n_directions"].iloc[0]), int(layers["d_model"].iloc[0])
+    left.set_title(f"base vs tuned {k}-dim subspaces of R^{d}")
     left.legend(fontsize=8)
-    image = right.imshow(angles.T, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=90,
-                         extent=(-0.5, angles.shape[0] - 0.5, 0, angles.shape[1]))
-    right.set_xlabel("layer")
-    right.xaxis.set_major_locator(MaxNLocator(integer=True))
-    right.set_ylabel("angle index (ascending)")
-    right.set_title("principal angles (deg)")
-    fig.colorbar(image, ax=right)
+    index = np.arange(1, angles.shape[1] + 1)
+    colours = plt.cm.viridis(np.linspace(0, 0.9, max(1, angles.shape[0])))
+    for row, layer, colour in zip(angles, layers["layer"], colours):
+        right.plot(index, row, color=colour, lw=1, label=f"layer {int(layer)}")
+    if chance is not None:
+        right.plot(index[:len(chance)], chance, "--", color="grey", lw=2, label="random subspaces")
+    right.set_xlabel("angle index (ascending)")
+    right.set_ylabel("principal angle (deg)")
+    right.set_ylim(0, 90)
+    right.set_title("principal angles per layer")
+    right.legend(fontsize=7, ncol=2)
     return _save(fig, path)

@@ -2,8 +2,8 @@
 
 Definition (``docs/methods.md`` B.2-B.5; ``n`` words, ``H`` query heads, ``d_h`` head width)::
 
-    Wq~ = diag(g_l) W_Q[h]              # [d_model, d_h]   g_l: gain of layer l's input norm
-    Wk~ = diag(g_l) W_K[kv(h)]          # [d_model, d_h]   kv(h) = h // (H / H_kv)   (grouped-query attention)
+    Wq~ = diag(g_l) W_Q[h] diag(gq_l)   # [d_model, d_h]   g_l: gain of layer l's input norm
+    Wk~ = diag(g_l) W_K[kv(h)] diag(gk_l)  # [d_model, d_h]  kv(h) = h // (H / H_kv)   (grouped-query attention)
     Q = E_W Wq~,  K = E_W Wk~           # [n, d_h]         E_W: static word embeddings
     N_j = sum_w Q[w,j]^2 + sum_w K[w,j]^2   energy of dim j; dims ranked by N_j descending (rank 1 = largest)
     T_q(j), T_k(j)                      # top-K words by |Q[:,j]|, |K[:,j]|
@@ -11,6 +11,14 @@ Definition (``docs/methods.md`` B.2-B.5; ``n`` words, ``H`` query heads, ``d_h``
     pairs of a dim ranked by sim descending
 
 No RoPE, no 1/sqrt(d_h), no biases, no RMS scaling of the word vectors (the paper's simplification).
+
+Per-head q/k norms (Gemma-3; ``qk_norm = "gain"``, the default): the model's query is
+``RMSNorm_{d_h}(x W_Q[h]) * gq_l`` (then RoPE), ``gq_l`` ``[d_h]`` the norm's effective gain (``1 + w``),
+shared by all heads of the layer; likewise keys with ``gk_l``. Dim j of every head is thus scaled by
+``gq_l[j]`` (queries) and ``gk_l[j]`` (keys): the gains enter as the column scaling ``diag(gq_l)`` above,
+which moves energies, dim ranks and, where ``gq_l[j] gk_l[j] < 0``, the sign filter. The per-word RMS
+scaling of each head's q and k is left out, as the paper leaves out the RMS scaling of the word vectors.
+``qk_norm = "none"`` ignores the q/k norms altogether (``gq = gk = 1``). Families without them are unaffected.
 
 How it is computed
     Per layer and chunk of query heads: one matmul ``E_W @ [Wq~ of all heads in the chunk]`` (and one for the
@@ -48,6 +56,9 @@ from torch import nn
 from torch.nn.functional import embedding
 
 
+QK_NORM_MODES = ("gain", "none")
+
+
 @dataclass(frozen=True)
 class MiningSettings:
     """Knobs of :func:`mine_layer` (the plugin's options map onto these)."""
@@ -57,8 +68,11 @@ class MiningSettings:
     head_chunk: int = 16  # query heads per matmul (rounded to whole GQA groups)
     item_chunk: int = 512  # (head, dim) items per similarity block
     rope_delta: int | None = None  # None: no RoPE (the paper); delta: pairs at relative distance delta
+    qk_norm: str = "gain"  # gain: apply per-head q/k norm gains (Gemma-3) per dim | none: ignore them
 
     def __post_init__(self) -> None:
+        if self.qk_norm not in QK_NORM_MODES:
+            raise ValueError(f"qk_norm must be one of {', '.join(QK_NORM_MODES)}, got {self.qk_norm!r}")
         for name in ("top_k", "head_chunk", "item_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -170,7 +184,8 @@ def head_chunks(n_heads: int, group: int, chunk: int) -> list[range]:
 def mine_layer(layer: int, words: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, gain: torch.Tensor,
                vectors: torch.Tensor, tau: torch.Tensor, settings: MiningSettings,
                rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-               gram: torch.Tensor | None = None) -> LayerResult:
+               gram: torch.Tensor | None = None,
+               qk_gains: tuple[torch.Tensor, torch.Tensor] | None = None) -> LayerResult:
     """Mine one layer.
 
     words    [n, d_model]        static word embeddings E_W (float32, on the compute device)
@@ -181,6 +196,7 @@ def mine_layer(layer: int, words: torch.Tensor, w_q: torch.Tensor, w_k: torch.Te
     rope     (cos_q, sin_q, cos_k, sin_k) each [d_rot], or None
     gram     [d_model, d_model]  E_W^T E_W in float64 (computed here when None): the energy of a column w of
                                  ``Wq~`` is ``||E_W w||^2 = w^T G w``, exact in float64 and without an n x C pass
+    qk_gains (gq, gk) each [d_h] per-head q/k norm gains (Gemma-3), applied per dim before RoPE; or None
     """
     device = words.device
     n_heads, _, d_head = w_q.shape
@@ -199,6 +215,9 @@ def mine_layer(layer: int, words: torch.Tensor, w_q: torch.Tensor, w_k: torch.Te
         kv0, kv1 = chunk.start // group, chunk.stop // group
         wq = gain[None, :, None] * w_q[chunk.start:chunk.stop].to(device, torch.float32)  # [hc, d, d_h]
         wk = gain[None, :, None] * w_k[kv0:kv1].to(device, torch.float32)  # [kc, d, d_h]
+        if qk_gains is not None:  # per-dim gains of the per-head q/k norms, before RoPE as in the model
+            wq = wq * qk_gains[0].to(device, torch.float32)[None, None, :]
+            wk = wk * qk_gains[1].to(device, torch.float32)[None, None, :]
         if rope is not None:
             cos_q, sin_q, cos_k, sin_k = (t.to(device) for t in rope)
             wq, wk = rotate(wq, cos_q, sin_q), rotate(wk, cos_k, sin_k)
@@ -294,6 +313,16 @@ def head_knowledge(layer: np.ndarray, head: np.ndarray, dim: np.ndarray, word_a:
     return {k: v[order] for k, v in out.items()}
 
 
+def qk_norm_gains(adapter, layer: int, mode: str = "gain") -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(gq, gk)`` ``[d_h]`` each: the layer's per-head q/k norm gains when ``mode`` is "gain" and the model
+    has such norms (Gemma-3), else None. A model with only one of the two gets 1 for the other."""
+    gq, gk = adapter.q_norm_gain(layer), adapter.k_norm_gain(layer)
+    if mode == "none" or (gq is None and gk is None):
+        return None
+    ones = torch.ones(adapter.d_head)
+    return (ones if gq is None else gq), (ones if gk is None else gk)
+
+
 def mine_model(adapter, words: torch.Tensor, vectors: torch.Tensor, tau: torch.Tensor, settings: MiningSettings,
                layers: list[int] | None = None, progress: bool = False):
     """Yield a :class:`LayerResult` per layer of ``adapter``'s model (see :func:`mine_layer` for the shapes;
@@ -313,4 +342,4 @@ def mine_model(adapter, words: torch.Tensor, vectors: torch.Tensor, tau: torch.T
                 cos_k, sin_k = rope_cos_sin(adapter.model, layer, 0)
                 rope = (cos_q, sin_q, cos_k, sin_k)
             yield mine_layer(layer, words, adapter.W_Q(layer), adapter.W_K(layer), adapter.ln1_gain(layer),
-                             vectors, tau, settings, rope, gram)
+                             vectors, tau, settings, rope, gram, qk_norm_gains(adapter, layer, settings.qk_norm))

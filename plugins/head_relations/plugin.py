@@ -55,6 +55,7 @@ class HeadRelationsOptions:
     baseline_size: int = 3000  # the most frequent words of the word list that form the baseline set
     knowledge_count: str = "dims"  # dims: a pair counts once per dim (the definition) | occurrences (paper code)
     rope_delta: Optional[int] = None  # None: no RoPE (the paper); d: pairs at relative distance d (query - key)
+    qk_norm: str = "gain"  # gain: Gemma-3's per-head q/k norm gains scale each dim | none: ignore them
     head_chunk: int = 16  # query heads per matmul, whole GQA groups (memory: n_words x head_chunk x d_head floats)
     item_chunk: int = 512  # (head, dim) items per similarity block (memory: item_chunk x K x (2D + K) doubles)
     general_verbs: str = "builtin"  # builtin (frozen list) | path to a one-verb-per-line file
@@ -83,7 +84,7 @@ class HeadRelationsPlugin(Plugin):
         if o.baseline_size < 1 or o.layer_group_size < 1 or o.html_pairs < 0 or o.word_limit < 0:
             raise ValueError("head_relations: baseline_size and layer_group_size must be >= 1, word_limit and "
                              "html_pairs >= 0")
-        self.settings = MiningSettings(o.top_k, o.n_dims, o.head_chunk, o.item_chunk, o.rope_delta)
+        self.settings = MiningSettings(o.top_k, o.n_dims, o.head_chunk, o.item_chunk, o.rope_delta, o.qk_norm)
         self._backend = None
         self._word_cache: dict[str, tuple[torch.Tensor, torch.Tensor, np.ndarray]] = {}
 

@@ -49,12 +49,18 @@ def naive_tau(vectors: np.ndarray, present: np.ndarray, n_base: int, mult: float
 
 
 def naive_layer(adapter, layer: int, e_w: torch.Tensor, vectors: np.ndarray, tau: Sequence[float], k: int,
-                n_dims: int = 0, rope=None, heads: Sequence[int] | None = None) -> dict:
+                n_dims: int = 0, rope=None, heads: Sequence[int] | None = None, qk_norm: str = "gain") -> dict:
     """``{(head, dim): (energy, rank, pairs or None)}``; ``pairs`` is ``[(q_word, k_word, sim)]`` in order, None
-    for dims not mined (past ``n_dims``). ``rope`` = (cos_q, sin_q, cos_k, sin_k) as in ``mine_layer``."""
+    for dims not mined (past ``n_dims``). ``rope`` = (cos_q, sin_q, cos_k, sin_k) as in ``mine_layer``;
+    ``qk_norm="gain"`` multiplies dim j of every q by the q-norm gain ``gq[j]`` and of every k by ``gk[j]``."""
     e_w = e_w.double().numpy()
     g = adapter.ln1_gain(layer).double().numpy()
-    w_q, w_k = adapter.W_Q(layer).double(), adapter.W_K(layer).double()
+    w_q, w_k = adapter.W_Q(layer).double().clone(), adapter.W_K(layer).double().clone()
+    gq, gk = adapter.q_norm_gain(layer), adapter.k_norm_gain(layer)
+    if qk_norm == "gain" and gq is not None:
+        for j in range(w_q.shape[2]):  # dim by dim, as the definition reads
+            w_q[:, :, j] *= float(gq[j])
+            w_k[:, :, j] *= float(gk[j])
     if rope is not None:
         w_q, w_k = rotate(w_q, *[t.double() for t in rope[:2]]), rotate(w_k, *[t.double() for t in rope[2:]])
     w_q, w_k = w_q.numpy(), w_k.numpy()

@@ -13,9 +13,11 @@ re-thresholded here (b = 7), never normalised again.
 Pickles can run code when loaded, so :class:`RestrictedUnpickler` accepts builtin containers and scalars
 and numpy arrays only, and refuses everything else with :class:`UnsafePickleError`.
 
-Instruction tokens: each prompt's annotated instruction sentences (``tuneshift.data.load_final_dataset``,
-spans widened to whole sentences) are matched onto the pieces on character offsets: the pieces are turned
-back into text (``▁`` is a space, ``<0xHH>`` a byte) with each piece's character span.
+Instruction tokens (methods.md A.5): each prompt's instruction sentences (``tuneshift.data.load_final_dataset``:
+lines first, each annotated fragment replaced by the first prompt sentence holding it) are matched onto the
+pieces on character offsets, each sentence on its own, and shed edge pieces that are only white space or
+``▁"``: the pieces are turned back into text (``▁`` is a space, ``<0xHH>`` a byte) with each piece's span.
+With these rules the released attributions give the paper's published means to 4 decimals.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from tuneshift.data import DataError, Prompt, load_final_dataset
+from tuneshift.instructions import align_spans, edge_tokens
 from tuneshift.plugins.saliency import density as dens
 from tuneshift.plugins.saliency import stats
 
@@ -192,19 +195,23 @@ def _char_map(source: str, target: str) -> np.ndarray:
 
 
 def instruction_mask(prompt: Prompt, pieces: Sequence[str]) -> np.ndarray:
-    """Bool mask over ``pieces``: pieces overlapping one of the prompt's instruction spans. ``[n_pieces]``"""
+    """Bool mask over ``pieces``: the instruction pieces of ``prompt`` (methods.md A.5). ``[n_pieces]``
+
+    Each instruction span is carried into the text rebuilt from the pieces, then aligned on its own by
+    :func:`tuneshift.instructions.align_spans`: the pieces overlapping it, minus edge pieces that are only
+    white space (``▁``, ``<0x0A>``) or ``▁"``.
+    """
     text, starts, ends = pieces_to_text(pieces)
     mapping = _char_map(prompt.text, text)
-    mask = np.zeros(len(pieces), dtype=bool)
-    real = ends > starts
+    spans = []
     for s, e in prompt.instruction_spans:
         inside = mapping[s:e][mapping[s:e] >= 0]
         if inside.size == 0:
             raise PaperDataError(f"prompt {prompt.id!r}: instruction {prompt.text[s:e][:60]!r} is not in the "
                                  "text reconstructed from the attribution's Input pieces")
-        lo, hi = int(inside.min()), int(inside.max()) + 1
-        mask |= real & (starts < hi) & (ends > lo)
-    return mask
+        spans.append((int(inside.min()), int(inside.max()) + 1))
+    surfaces = [text[a:b] for a, b in zip(starts, ends)]
+    return align_spans(starts, ends, spans, edge_tokens(surfaces), prompt.id, text)
 
 
 # ---- scores and tables ----------------------------------------------------------------------------------------

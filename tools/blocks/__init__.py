@@ -1,0 +1,1 @@
+"""Renderers and collectors of the README's result blocks, one module per job (see ``tools/readme.py``)."""
