@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 import torch
 
 from tuneshift.plugin import Plugin
@@ -83,12 +84,12 @@ class FFNConceptsPlugin(Plugin):
         o, key = self.options, model.key
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        arrays, table = self.analyse(model)
+        arrays, table = self.analyse(model, ctx.progress)
         timings["directions_s"] = time.perf_counter() - start
         ann_long = pd.DataFrame()
         if o.annotate:
             start = time.perf_counter()
-            table, ann_long, ann_stats = self.annotate(table, key)
+            table, ann_long, ann_stats = self.annotate(table, key, ctx.progress)
             timings["annotation_s"] = time.perf_counter() - start
             timings |= {f"annotations_{k}": v for k, v in vars(ann_stats).items()}
         ctx.store.save_arrays(self.name, key, "directions", arrays)
@@ -151,7 +152,7 @@ class FFNConceptsPlugin(Plugin):
             self._annotator.close()
 
     # ---- steps ------------------------------------------------------------------------------------------------
-    def analyse(self, model: Any) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
+    def analyse(self, model: Any, progress: bool = False) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
         """Directions and top words of every selected layer: the arrays to save and the per-direction table."""
         o, adapter = self.options, model.adapter
         device = model.device if o.device == "auto" else torch.device(o.device)
@@ -164,7 +165,8 @@ class FFNConceptsPlugin(Plugin):
             e_out = normalize_rows(static_embeddings(model.tokenizer, adapter.unembedding_matrix().to(device),
                                                      words.words))  # [n_words, d]
             per_layer = []
-            for layer in layers:
+            for layer in tqdm(layers, desc=f"ffn concepts: directions {model.name}", unit="layer",
+                              disable=not progress, leave=False):
                 d = principal_directions(adapter.W_down(layer).to(device), o.n_directions, o.svd_method)
                 per_layer.append((d, top_words(e_out, d.vectors, o.n_words, o.word_chunk)))
         arrays = {
@@ -188,7 +190,8 @@ class FFNConceptsPlugin(Plugin):
         table["top_cos"] = table["top_cos"].map(list)
         return arrays, table
 
-    def annotate(self, table: pd.DataFrame, key: str) -> tuple[pd.DataFrame, pd.DataFrame, Any]:
+    def annotate(self, table: pd.DataFrame, key: str,
+                 progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, Any]:
         """Annotate the first ``annotate_top`` directions of each layer under every seed.
 
         Returns the direction table with seed-0 labels, the long (direction x seed) table and the counts."""
@@ -198,7 +201,14 @@ class FFNConceptsPlugin(Plugin):
         chosen = table if o.annotate_top <= 0 else table[table["rank"] < o.annotate_top]
         seeds = list(range(o.seeds))
         cache = AnnotationCache(o.cache_dir) if o.cache_dir and self._annotator.cacheable else None
-        labels, ann_stats = annotate_word_sets(self._annotator, [tuple(w) for w in chosen["top_words"]], seeds, cache)
+        with tqdm(desc=f"ffn concepts: annotating {key} (not cached)", unit="label", disable=not progress,
+                  leave=False) as bar:
+            def advance(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            labels, ann_stats = annotate_word_sets(self._annotator, [tuple(w) for w in chosen["top_words"]], seeds,
+                                                   cache, progress=advance)
         flat = [a for per_dir in labels for a in per_dir]
         long = pd.DataFrame({
             "model": key, "layer": np.repeat(chosen["layer"].to_numpy(), len(seeds)),

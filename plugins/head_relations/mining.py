@@ -332,7 +332,7 @@ def mine_model(adapter, words: torch.Tensor, vectors: torch.Tensor, tau: torch.T
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(layers, desc="head_relations", unit="layer")
+        iterator = tqdm(layers, desc="head relations: mining heads", unit="layer", leave=False)
     with torch.no_grad():
         gram = gram_matrix(words)  # [d_model, d_model], once per model
         for layer in iterator:

@@ -98,7 +98,7 @@ class HeadRelationsPlugin(Plugin):
         """Mine every layer of ``model`` and write its dims table, head knowledge, summary and view."""
         o, key = self.options, model.key
         start = time.perf_counter()
-        words, table, knowledge, head = self.analyse(model)
+        words, table, knowledge, head = self.analyse(model, ctx.progress)
         head["seconds"] = time.perf_counter() - start
         ctx.store.save_table(self.name, key, "dims", table)
         ctx.store.save_table(self.name, key, "knowledge", knowledge)
@@ -189,7 +189,7 @@ class HeadRelationsPlugin(Plugin):
         vectors, tau, present = self._word_cache[cache_key]
         return full.words[:n_mine], vectors, tau, present
 
-    def analyse(self, model: Any) -> tuple[tuple[str, ...], pd.DataFrame, pd.DataFrame, dict]:
+    def analyse(self, model: Any, progress: bool = False) -> tuple[tuple[str, ...], pd.DataFrame, pd.DataFrame, dict]:
         """Mine ``model``: the word list, the dims table, the knowledge table and headline numbers."""
         o, adapter = self.options, model.adapter
         device = model.device if o.device == "auto" else torch.device(o.device)
@@ -202,7 +202,7 @@ class HeadRelationsPlugin(Plugin):
         with torch.no_grad():
             e_w = static_embeddings(model.tokenizer, adapter.embedding_matrix().to(device), words)
             results = list(mine_model(adapter, e_w, vectors.to(device), tau.to(device), self.settings, layers,
-                                      progress=False))
+                                      progress=progress))
         mining_s = time.perf_counter() - t0
         table = dims_table(model.key, results, words, adapter.n_heads // adapter.n_kv_heads)
         knowledge = knowledge_table(model.key, results, words, o.knowledge_count)

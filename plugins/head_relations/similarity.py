@@ -297,6 +297,7 @@ def randomized_svd(matrix: sp.csr_matrix, rank: int, n_iter: int = 4, oversample
 def build_ppmi_vectors(params: PPMIParams) -> tuple[list[str], np.ndarray]:
     """Vocabulary and word vectors ``[V, dim]`` (float32, not normalised) from the offline corpus."""
     start = time.perf_counter()
+    log.info("head relations: building PPMI word vectors from the offline corpus (once; cached afterwards)")
     vocab, cooc = count_cooccurrences((corpus.tokenize(t) for t in corpus.documents(params.sources)), params)
     u, s = randomized_svd(ppmi_matrix(cooc, params.alpha), params.dim, params.n_iter, seed=params.seed)
     log.info("ppmi vectors: %d words x %d dims in %.1f s", len(vocab), u.shape[1], time.perf_counter() - start)
