@@ -547,6 +547,9 @@ def test_sweep_callback_and_cli_errors(sweep, tmp_path, capsys):
     assert (sweep / "sweep_report.html").is_file() and "sweep report" in capsys.readouterr().out
     assert main([str(tmp_path / "missing")]) == 2
     assert main([str(tmp_path)]) == 2  # an empty folder holds no run
+    (sweep / "sweep_report.html").unlink()
+    assert main([str(sweep.parent), "--no-refresh"]) == 0  # <run.root>/sweeps: a report per sweep folder in it
+    assert (sweep / "sweep_report.html").is_file() and not (sweep.parent / "sweep_report.html").exists()
 
 
 @needs_chromium

@@ -31,6 +31,15 @@ class SweepReportCallback(_HydraCallback):  # type: ignore[misc,valid-type]
             log.warning("sweep report failed: %s", err)
 
 
+def sweeps(folder: Path) -> list[Path]:
+    """``folder`` itself when it holds runs directly (a sweep folder), else each of its sub-folders that holds
+    runs (``<run.root>/sweeps`` holds one folder per sweep): a report never mixes two sweeps."""
+    children = [c for c in sorted(folder.iterdir()) if c.is_dir()]
+    if any(is_run_dir(c) for c in children):
+        return [folder]
+    return [c for c in children if find_runs(c)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``tuneshift-report DIR...``: a run folder gets ``report.html``, a sweep folder ``sweep_report.html``."""
     parser = argparse.ArgumentParser(prog="tuneshift-report", description=main.__doc__)
@@ -45,10 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             status = 2
         elif is_run_dir(d):
             print(write_report(d, export=args.figures))
-        elif find_runs(d):
-            print(write_sweep_report(d, refresh_runs=not args.no_refresh))
-            for run_dir in find_runs(d) if args.figures else []:
-                export_figures(run_dir)
+        elif sweeps(d):
+            for sweep in sweeps(d):
+                print(write_sweep_report(sweep, refresh_runs=not args.no_refresh))
+                for run_dir in find_runs(sweep) if args.figures else []:
+                    export_figures(run_dir)
         else:
             print(f"tuneshift-report: no run (settings.json, config.yaml or summary.json) under {d}",
                   file=sys.stderr)
@@ -56,4 +66,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status
 
 
-__all__ = ["SweepReportCallback", "main"]
+__all__ = ["SweepReportCallback", "main", "sweeps"]

@@ -112,15 +112,22 @@ def _pair(run: RunInfo, base: str, tuned: str, page: Page) -> dict:
     pid = page.anchor(f"pair-{slug(base)}__{slug(tuned)}", f"{run.model_name(base)} → {run.model_name(tuned)}", 2)
     key = f"compare/{base}__{tuned}"
     plugins, cards = [], []
+    status_of = status(run)  # the configured plugins, whose comparison is expected
     for plugin in run.plugins:
         if not any(run.result_dir(plugin, k).is_dir() for k in (key, base, tuned)):
             continue
-        compare = render_section(run, plugin, key, page, (base, tuned))
-        sid = page.anchor(f"{pid}-{slug(plugin)}", compare["title"], 3)
         sides = [{"key": k, "model": run.model_name(k),
                   "section": render_section(run, plugin, k, page)} for k in (base, tuned)
                  if run.result_dir(plugin, k).is_dir()]
-        plugins.append({"id": sid, "section": compare, "sides": sides, "done": run.done(plugin, key)})
+        if run.result_dir(plugin, key).is_dir():
+            compare = render_section(run, plugin, key, page, (base, tuned))
+        else:  # a tool that checks single models (or a comparison still to come): titled by its model sections
+            first = sides[0]["section"]
+            compare = {"title": first["title"], "explanation": first["explanation"], "notes": [],
+                       "headlines": [], "figures": [], "tables": [], "views": [], "others": [], "absent": True}
+        sid = page.anchor(f"{pid}-{slug(plugin)}", compare["title"], 3)
+        plugins.append({"id": sid, "section": compare, "sides": sides, "done": run.done(plugin, key),
+                        "expected": plugin in status_of})
         cards.append(_card(plugin, compare, sides, sid))
     responses = _responses(run, [base, tuned], page)
     rid = page.anchor(f"{pid}-responses", "Example responses", 3) if responses else ""

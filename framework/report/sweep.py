@@ -122,7 +122,7 @@ def sweep_figure(rows: list[dict], out_dir: Path) -> list[Path]:
                     ax.plot([xi, xi], [_num(h.base), _num(h.tuned)], color="#999", lw=1, zorder=0)
         else:
             ax.plot(x, [_num(getattr(h, "value", None)) for h in got], "s", color="#55a868", ms=7, label="value")
-        title = rows[0]["titles"].get(plugin, plugin) if rows else plugin
+        title = next((r["titles"][plugin] for r in rows if plugin in r["titles"]), plugin)
         ax.set_title(textwrap.fill(f"{title}: {label}", 60), fontsize=8)
         ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=7)
         ax.set_xlim(-0.5, len(rows) - 0.5)
