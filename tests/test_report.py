@@ -571,3 +571,17 @@ def test_report_of_a_folder_without_config_or_settings(test_plugin_run, tmp_path
     (run / "settings.json").unlink()
     text, page = build_report_html(run)
     assert 'id="pair-base__tuned-token_count"' in text and not page.errors
+
+
+def test_rotation_findings_show_a_chance_baseline_when_the_results_carry_one():
+    from tuneshift.plugins.ffn_concepts.section import rotation_headlines
+
+    plain = {"n_directions": 64.0, "d_model": 256.0, "mean_angle_deg": 41.2, "mean_cos2": 0.5, "chance_cos2": 0.25,
+             "mean_best_abs_cos": 0.7, "mean_top_words_jaccard": 0.1}
+    angle, best, words = rotation_headlines(plain)
+    assert angle.text() == ("mean principal angle between the base and tuned FFN subspaces: 41.2°, n = first 64 of "
+                            "256 directions per layer, mean cos² 0.500, random subspaces 0.250")
+    assert best.text() == "best-match |cos| of each base direction with a tuned direction: 0.700"
+    with_chance = {**plain, "chance_mean_angle_deg": 70.1, "chance_best_abs_cos": 0.21}
+    angle, best, _ = rotation_headlines(with_chance)
+    assert angle.note == "random subspaces 70.1°" and best.note == "random subspaces 0.210"
