@@ -128,6 +128,12 @@ def figure_item(page: Page, path: Path, caption: str, where: str = "") -> dict:
     data = path.read_bytes()
     if not data:
         raise ValueError("empty file")
+    if path.suffix.lower() != ".svg":  # a truncated or foreign file becomes an error box, not a broken image
+        import io
+
+        from PIL import Image
+
+        Image.open(io.BytesIO(data)).verify()
     mime = {".svg": "image/svg+xml", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}.get(path.suffix.lower(),
                                                                                       "image/png")
     page.figures.append({"path": str(path), "caption": caption, "where": where})
