@@ -114,13 +114,13 @@ def status(run: RunInfo) -> dict[str, dict[str, bool]]:
 
 # ---- sections ------------------------------------------------------------------------------------------------
 def _grouped_views(section: Section) -> Section:
-    """Numbered views (``view_layer0.html`` ... ``view_layer31.html``) as one view with a selector."""
-    groups: dict[str, list[View]] = {}
+    """Numbered views (``view_layer0.html`` ... ``view_layer31.html``, captions alike but for the number) as
+    one view with a selector."""
+    groups: dict[tuple[str, str], list[View]] = {}
     for view in section.views:
-        groups.setdefault(re.sub(r"\d+", "*", view.path), []).append(view)
-    section.views = [View(pattern if len(members) > 1 else members[0].path,
-                          re.sub(r"\s*\d+$", "", members[0].caption) if len(members) > 1 else members[0].caption)
-                     for pattern, members in groups.items()]
+        groups.setdefault((re.sub(r"\d+", "*", view.path), re.sub(r"\d+", "", view.caption)), []).append(view)
+    section.views = [View(pattern, re.sub(r"\s*\d+$", "", members[0].caption)) if len(members) > 1 else members[0]
+                     for (pattern, _), members in groups.items()]
     return section
 
 
@@ -130,7 +130,7 @@ def stored_section(run: RunInfo, plugin: str, key: str, page: Page) -> Section:
     path = directory / "section.json"
     if path.is_file():
         try:
-            return Section.from_dict(json.loads(path.read_text()))
+            return _grouped_views(Section.from_dict(json.loads(path.read_text())))
         except Exception as err:  # noqa: BLE001
             page.fail(f"{plugin}/{key}/section.json", err)
     section = _grouped_views(files_section(directory, plugin))
