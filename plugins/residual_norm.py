@@ -1,8 +1,9 @@
 """Example plugin: the mean L2 norm of the residual stream after each layer, per model, and its change.
 
 This is the pattern for a new probe plugin: an ``Options`` dataclass, ``probes()`` naming sites, ``on_batch``
-consuming the captures, ``on_model_end`` writing results, ``on_compare`` reading both models back.
-Enable it with ``tuneshift plugins=[residual_norm]`` (config: ``conf/plugins/residual_norm.yaml``).
+consuming the captures, ``on_model_end`` writing results, ``on_compare`` reading both models back, and
+``section()`` saying what the report shows (headline findings, figures with captions, tables).
+Enable it with ``tuneshift plugins=[residual_norm]``.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pandas as pd
 
 from tuneshift.plugin import Plugin
 from tuneshift.probes import Probe
+from tuneshift.sections import Figure, Headline, Section, Table
 
 
 @dataclass
@@ -50,6 +52,8 @@ class ResidualNorm(Plugin):
                               "site": sites, "mean_norm": [self.sums[s] / self.count for s in sites]})
         ctx.store.save_table(self.name, model.key, "norms", table)
         ctx.logger.log_table(f"{self.name}/{model.key}", table)
+        plot_norms(table, {model.key: "mean_norm"}, ctx.store.dir(self.name, model.key) / "norms.png",
+                   f"Residual-stream norm per layer, {model.name}")
 
     def on_compare(self, ctx, base: str, tuned: str) -> None:
         b = ctx.store.load_table(self.name, base, "norms")
@@ -60,6 +64,42 @@ class ResidualNorm(Plugin):
         ctx.store.save_table(self.name, key, "norms", table)
         ctx.store.save_json(self.name, key, "summary", {"mean_ratio": float(np.mean(ratio))})
         ctx.logger.log_metrics({"mean_ratio": float(np.mean(ratio))}, prefix=self.name)
+        plot_norms(table, {base: "base", tuned: "tuned"}, ctx.store.dir(self.name, key) / "norms.png",
+                   f"Residual-stream norm per layer, {base} vs {tuned}")
+
+    def section(self, ctx, key: str) -> Section:
+        norms = ctx.store.load_table(self.name, key, "norms")
+        if key.startswith("compare/"):
+            headlines = [Headline("mean residual-stream norm (mean over layers)", base=norms["base"].mean(),
+                                  tuned=norms["tuned"].mean(), n=f"{len(norms)} sites"),
+                         Headline("tuned / base norm ratio (mean over layers)", value=norms["ratio"].mean())]
+        else:
+            headlines = [Headline("mean residual-stream norm (mean over layers)", value=norms["mean_norm"].mean(),
+                                  n=f"{len(norms)} sites")]
+        return Section("Residual-stream norm per layer", self.explanation(), headlines,
+                       figures=[Figure("norms.png", "Mean L2 norm of the residual stream after each layer "
+                                                    "(layer -1: the token embeddings)")],
+                       tables=[Table("norms.parquet", "Mean norm per layer")])
 
 
-__all__ = ["ResidualNorm", "ResidualNormOptions"]
+def plot_norms(table: pd.DataFrame, columns: dict[str, str], path, title: str):
+    """Line per model (``columns``: label -> column of ``table``) of the mean norm against the layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for label, column in columns.items():
+        ax.plot(table["layer"], table[column], marker="o", ms=3, label=label)
+    ax.set_xlabel("layer (-1: embeddings)")
+    ax.set_ylabel("mean ||residual|| (L2)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["ResidualNorm", "ResidualNormOptions", "plot_norms"]

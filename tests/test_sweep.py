@@ -78,11 +78,14 @@ def test_interrupted_sweep_resumes_only_what_is_missing(tmp_path):
     assert redone == sorted([
         f"{flaky_dir.name}/residual_norm/compare/base__tuned/_DONE",
         f"{flaky_dir.name}/residual_norm/compare/base__tuned/norms.parquet",
+        f"{flaky_dir.name}/residual_norm/compare/base__tuned/norms.png",
         f"{flaky_dir.name}/residual_norm/compare/base__tuned/summary.json",
         f"{flaky_dir.name}/residual_norm/tuned/_DONE",
         f"{flaky_dir.name}/residual_norm/tuned/norms.parquet",
+        f"{flaky_dir.name}/residual_norm/tuned/norms.png",
         f"{tiny_dir.name}/residual_norm/tuned/_DONE",
         f"{tiny_dir.name}/residual_norm/tuned/norms.parquet",
+        f"{tiny_dir.name}/residual_norm/tuned/norms.png",
     ]), f"re-run redid {redone}"
     log = second.stdout + second.stderr
     assert log.count("every plugin already done") == 2  # flaky base, tiny base

@@ -7,7 +7,7 @@ Per model (``on_model_end``, weights only), written under ``ffn_concepts/<model>
 - ``directions.parquet``: one row per (model, layer, rank): variance ratio, top words and cosines, the
   seed-0 annotation (concept, tasks, level, status, error), per-seed concepts, explainable seed count.
 - ``annotations.parquet``: one row per (model, layer, rank, seed) for every annotated direction.
-- ``summary.json`` and ``view_layer<l>.html`` (single-model pages).
+- ``summary.json``, ``view_layer<l>.html`` (single-model pages), ``variance_spectrum.png`` and ``concepts.png``.
 
 Per pair (``on_compare``), under ``ffn_concepts/compare/<base>__<tuned>/``: ``shares.parquet`` (task and
 level shares per model/seed/layer group), ``ttests.parquet``, ``rotation.parquet`` (per layer and base
@@ -29,6 +29,7 @@ import torch
 
 from tuneshift.plugin import Plugin
 from tuneshift.words import load_word_list, static_embeddings
+from tuneshift.plugins.ffn_concepts import section as report_section
 from tuneshift.plugins.ffn_concepts import stats, views
 from tuneshift.plugins.ffn_concepts.annotators import Annotator, annotate_word_sets, AnnotationCache, build_annotator
 from tuneshift.plugins.ffn_concepts.directions import SVD_METHODS, normalize_rows, principal_directions, top_words
@@ -102,6 +103,12 @@ class FFNConceptsPlugin(Plugin):
         for layer in arrays["layers"].tolist():
             page = views.layer_html(layer, _seed0(table, layer), model.name, max_rows=o.html_rows)
             ctx.store.save_text(self.name, key, f"view_layer{layer}.html", page)
+        out_dir = ctx.store.dir(self.name, key)
+        pngs = [views.plot_variance(arrays, out_dir / "variance_spectrum.png", model.name)]
+        if o.annotate and len(ann_long):
+            pngs.append(views.plot_model_concepts(ann_long, out_dir / "concepts.png", model.name, o.layer_group_size))
+        for png in pngs:
+            ctx.logger.log_image(f"{self.name}/{key}/{png.stem}", png)
         ctx.logger.log_metrics({k: v for k, v in head.items() if isinstance(v, (int, float))},
                                prefix=f"{self.name}/{key}")
         ctx.logger.log_table(f"{self.name}/{key}/directions", _loggable(table))
@@ -146,6 +153,10 @@ class FFNConceptsPlugin(Plugin):
         ctx.logger.log_table(f"{self.name}/{cmp}/rotation_layers", layer_summary)
         ctx.logger.log_metrics({k: v for k, v in out["rotation"].items() if isinstance(v, float)},
                                prefix=f"{self.name}/{cmp}")
+
+    def section(self, ctx: Any, key: str):
+        """Headline findings, captions and views of ``key`` (:mod:`.section`)."""
+        return report_section.build(ctx.store, self.name, key)
 
     def teardown(self, ctx: Any) -> None:
         if self._annotator is not None:

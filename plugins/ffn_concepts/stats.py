@@ -224,3 +224,21 @@ def rotation_layer(a: torch.Tensor, b: torch.Tensor, words_a: np.ndarray, words_
                    mean_top_words_jaccard=float(jac.mean()),
                    share_matched_same_rank=float((idx == np.arange(r)).mean()))
     return table, summary
+
+
+def explainable_shares(share_table: pd.DataFrame, group: str = ALL) -> pd.DataFrame:
+    """Per (model, seed): the share of annotated directions that are explainable, in layer group ``group``
+    (rows model, seed, share; from the ``n_explainable`` / ``n_directions`` counts of :func:`shares`)."""
+    sub = share_table[share_table["group"] == group].drop_duplicates(["model", "seed"])
+    return sub.assign(share=sub["n_explainable"] / sub["n_directions"])[["model", "seed", "share"]]
+
+
+def explainable_ttest(share_table: pd.DataFrame, base: str, tuned: str, group: str = ALL) -> dict:
+    """The explainable share, base vs tuned: means and stds over seeds, Student's t and p (as :func:`ttests`)."""
+    ex = explainable_shares(share_table, group)
+    b = ex.loc[ex["model"] == base].sort_values("seed")["share"].to_numpy()
+    t = ex.loc[ex["model"] == tuned].sort_values("seed")["share"].to_numpy()
+    stat, p = student_t(b, t)
+    return dict(base_mean=b.mean() if len(b) else np.nan, base_std=b.std(ddof=1) if len(b) > 1 else np.nan,
+                tuned_mean=t.mean() if len(t) else np.nan, tuned_std=t.std(ddof=1) if len(t) > 1 else np.nan,
+                n_seeds_base=len(b), n_seeds_tuned=len(t), t=stat, p=p)

@@ -4,10 +4,15 @@ The HTML page of a layer lists the base model's directions in rank order; beside
 direction that matches it best (by ``|cos|``), with both directions' variance ratios, top words (coloured by
 pole: the sign of the word's cosine) and seed-0 concept, tasks and level, plus the Jaccard overlap of the
 two word sets. With no tuned model (a single-model run) only the base column is shown.
+
+Plots: per pair the task and level shares (the explainable share apart from the task split, the difference and
+Student's p on every bar pair) and the rotation; per model, also in a single-model run, its variance spectrum
+and its concepts (:func:`plot_variance`, :func:`plot_model_concepts`).
 """
 from __future__ import annotations
 
 import html
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from tuneshift.plugins.ffn_concepts import stats  # noqa: E402
 
 _CSS = """
 body{font:13px/1.4 system-ui,sans-serif;margin:16px;color:#222}
@@ -96,29 +103,114 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+def _bars(ax: plt.Axes, labels: Sequence[str], series: Sequence[tuple[str, np.ndarray, np.ndarray]],
+          tests: Sequence[tuple[float, float]] | None = None) -> None:
+    """Grouped bars (mean ± std) of ``series`` [(name, means, stds)] per label; with ``tests`` [(difference,
+    p)] the difference and p-value above each group (bold below 0.05)."""
+    x = np.arange(len(labels))
+    width = 0.8 / max(1, len(series))
+    tops = np.zeros(len(labels))
+    for i, (name, mean, std) in enumerate(series):
+        mean, std = np.nan_to_num(np.asarray(mean, float)), np.nan_to_num(np.asarray(std, float))
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, mean, width, yerr=std, capsize=2, label=name)
+        tops = np.maximum(tops, mean + std)
+    for xi, top, (delta, p) in zip(x, tops, tests or []):
+        text = f"Δ {delta:+.3f}\n" + ("p = n/a" if not np.isfinite(p) else f"p = {p:.2g}")
+        ax.text(xi, top, text, ha="center", va="bottom", fontsize=6.5,
+                fontweight="bold" if np.isfinite(p) and p < 0.05 else "normal")
+    ax.set_ylim(0, max(float(tops.max(initial=0)) * 1.35, 0.05))
+    ax.set_xticks(x, labels, rotation=45 if len(labels) > 6 else 0, ha="right" if len(labels) > 6 else "center",
+                  fontsize=8)
+    ax.legend(fontsize=7)
+
+
+def _pair_series(rows: pd.DataFrame, base: str, tuned: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    return [(base, rows["base_mean"].to_numpy(), rows["base_std"].to_numpy()),
+            (tuned, rows["tuned_mean"].to_numpy(), rows["tuned_std"].to_numpy())]
+
+
 def plot_shares(share_table: pd.DataFrame, kind: str, base: str, tuned: str, path: Path,
                 group: str | None = "all") -> Path:
-    """Bars of the mean share per category (error bars: std over seeds), base beside tuned.
+    """Bars of the mean share per category, base beside tuned (error bars: std over annotation seeds), with
+    the difference and Student's p over seeds (as in ``ttests.parquet``) written above each pair.
 
-    ``group="all"``: one panel over all layers; ``group=None``: one bar pair per (layer group, category)."""
-    sub = share_table[(share_table["kind"] == kind) & share_table["model"].isin([base, tuned])]
-    sub = sub[sub["group"] == group] if group is not None else sub[sub["group"] != "all"]
-    stats = sub.groupby(["group", "category", "model"], sort=False)["share"].agg(["mean", "std"]).reset_index()
-    labels = stats[["group", "category"]].drop_duplicates()
-    order = {c: i for i, c in enumerate(dict.fromkeys(sub["category"]))}
-    labels = labels.assign(_g=labels["group"].map(lambda g: int(str(g).split("-")[0]) if g != "all" else -1),
-                           _c=labels["category"].map(order)).sort_values(["_g", "_c"])[["group", "category"]]
-    x = np.arange(len(labels))
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(labels) + 2), 3.6))
-    for offset, model in ((-0.2, base), (0.2, tuned)):
-        m = labels.merge(stats[stats["model"] == model], on=["group", "category"], how="left")
-        ax.bar(x + offset, m["mean"].fillna(0), 0.4, yerr=m["std"].fillna(0), label=model, capsize=2)
-    names = labels["category"] if group is not None else labels["group"] + " " + labels["category"]
-    ax.set_xticks(x, names, rotation=45 if group is None else 0, ha="right" if group is None else "center",
-                  fontsize=8)
-    ax.set_ylabel("share of explainable directions")
-    ax.set_title(f"{kind} shares ({'all layers' if group == 'all' else 'per layer group'})")
-    ax.legend()
+    Tasks (``kind="task"``): the explainable share of all annotated directions gets its own panel (left) and
+    the task split of the explainable ones (right) leaves out "none" (no assistant task; its numbers are in
+    the panel's title), which would otherwise dwarf the others. ``group="all"``: all layers; ``group=None``:
+    one bar pair per (layer group, category)."""
+    tests = stats.ttests(share_table, base, tuned)
+    tests = tests[tests["kind"] == kind]
+    tests = tests[tests["group"] == group] if group is not None else tests[tests["group"] != stats.ALL]
+    tests = tests.assign(_g=tests["group"].map(lambda g: int(str(g).split("-")[0]) if g != stats.ALL else -1))
+    tests = tests.sort_values("_g", kind="stable")
+    split_none = kind == "task"
+    shown = tests[tests["category"] != "none"] if split_none else tests
+    labels = (shown["category"] if group is not None else shown["group"] + " " + shown["category"]).tolist()
+    width = max(6.0, 0.55 * len(labels) + 2.5)
+    if split_none:
+        fig, (left, ax) = plt.subplots(1, 2, figsize=(width + 2.2, 3.8), gridspec_kw={"width_ratios": [1, 3]})
+        ex = stats.explainable_ttest(share_table, base, tuned, group or stats.ALL)
+        _bars(left, ["explainable"], [(base, [ex["base_mean"]], [ex["base_std"]]),
+                                      (tuned, [ex["tuned_mean"]], [ex["tuned_std"]])],
+              [(ex["tuned_mean"] - ex["base_mean"], ex["p"])])
+        left.set_title("explainable share\n(of all annotated directions)", fontsize=9)
+        left.set_ylabel("share of annotated directions (0-1)")
+        left.set_xlabel("all layers" if group is not None else "all layers, all groups")
+    else:
+        fig, ax = plt.subplots(figsize=(width, 3.8))
+    _bars(ax, labels, _pair_series(shown, base, tuned),
+          list(zip(shown["tuned_mean"] - shown["base_mean"], shown["p"].astype(float))))
+    none = tests[tests["category"] == "none"]
+    title = f"{kind} split of the explainable directions"
+    if split_none and len(none) == 1:
+        r = none.iloc[0]
+        title += (f'\n(without "none", no assistant task: {base} {r["base_mean"]:.3f} -> {tuned} '
+                  f'{r["tuned_mean"]:.3f}, p = {r["p"]:.2g})')
+    ax.set_title(title, fontsize=9)
+    ax.set_ylabel("share of explainable directions (0-1)")
+    ax.set_xlabel(kind if group is not None else f"layer group and {kind}")
+    fig.suptitle(textwrap.fill(f"FFN concepts, {base} vs {tuned}: {kind} shares "
+                               f"({'all layers' if group == stats.ALL else 'per layer group'}; mean ± std over "
+                               "annotation seeds, Student t)", int(fig.get_figwidth() * 13)), fontsize=10)
+    return _save(fig, path)
+
+
+def plot_model_concepts(ann: pd.DataFrame, path: Path, name: str, group_size: int) -> Path:
+    """One model's concepts over all layers (a single-model run too): the explainable share, the task split
+    without "none" and the linguistic levels, mean ± std over annotation seeds."""
+    table = stats.shares(ann, group_size)
+    table = table[table["group"] == stats.ALL]
+    ex = stats.explainable_shares(table)["share"]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), gridspec_kw={"width_ratios": [1, 3, 4]})
+    _bars(axes[0], ["explainable"], [(name, [ex.mean()], [ex.std(ddof=1) if len(ex) > 1 else 0.0])])
+    axes[0].set_ylabel("share of annotated directions (0-1)")
+    axes[0].set_title("explainable share", fontsize=9)
+    for ax, kind in zip(axes[1:], ("task", "level")):
+        sub = table[(table["kind"] == kind) & (table["category"] != "none")]
+        agg = sub.groupby("category", sort=False)["share"].agg(["mean", "std"])
+        _bars(ax, agg.index.tolist(), [(name, agg["mean"].to_numpy(), agg["std"].fillna(0).to_numpy())])
+        ax.set_ylabel("share of explainable directions (0-1)")
+        ax.set_title(f"{kind}s" + (' (without "none")' if kind == "task" else ""), fontsize=9)
+    for ax, label in zip(axes, ("all layers", "assistant task", "linguistic level")):
+        ax.set_xlabel(label)
+    fig.suptitle(textwrap.fill(f"{name}: concepts of its FFN directions, all layers (mean ± std over annotation "
+                               "seeds)", int(fig.get_figwidth() * 13)), fontsize=10)
+    return _save(fig, path)
+
+
+def plot_variance(arrays: dict[str, np.ndarray], path: Path, name: str) -> Path:
+    """One model's spectrum: the share of each layer's value-vector variance along each principal direction."""
+    ratio = arrays["variance_ratio"]  # [L, R]
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    rank = np.arange(1, ratio.shape[1] + 1)
+    step = max(1, len(ratio) // 8)  # at most ~8 layers drawn, evenly spaced
+    for i in range(0, len(ratio), step):
+        ax.plot(rank, np.clip(ratio[i], 1e-12, None), lw=1.2, label=f"layer {int(arrays['layers'][i])}")
+    ax.set_yscale("log")
+    ax.set_xlabel("principal direction (rank)")
+    ax.set_ylabel("share of the layer's variance (log)")
+    ax.set_title(f"{name}: variance of the FFN value vectors along each principal direction", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
 
 

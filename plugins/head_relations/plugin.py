@@ -8,7 +8,8 @@ Weights only (``weight_only = True``): no prompts, no traces. Per model (``on_mo
   ``"query_word=key_word"``, most similar first) and ``sims`` (their similarities).
 - ``knowledge.parquet``: head knowledge P_h, one row per (layer, head, pair): ``word_a, word_b`` (alphabetical),
   ``pair`` (``"a=b"``), ``n_dims`` (dims holding it, > 1) and ``max_sim``.
-- ``summary.json`` (headline numbers, word coverage of the similarity backend, timings) and ``view.html``.
+- ``summary.json`` (headline numbers, word coverage of the similarity backend, timings), ``view.html`` and
+  ``knowledge_by_head.png`` (pairs per head).
 
 Per pair (``on_compare``), under ``head_relations/compare/<base>__<tuned>/``:
 
@@ -16,6 +17,8 @@ Per pair (``on_compare``), under ``head_relations/compare/<base>__<tuned>/``:
   per-head Jaccard, share of base pairs the tuned head keeps).
 - ``verb_shares.parquet`` (``r_v`` per layer group and verb) and ``verb_stats.parquet`` (instruction vs general
   verbs per group: mean, std, count, Welch two-sided p).
+- ``added_pairs.parquet`` (pairs tuned heads hold that the same base heads do not) and
+  ``instruction_verbs.parquet`` (each instruction verb's ``r_v`` per layer group), for the report.
 - ``view.html`` (per layer and head, top pairs base beside tuned, pairs that tuning added highlighted), PNG
   plots ``overlap.png`` and ``verb_shares.png``, ``summary.json``.
 """
@@ -32,6 +35,7 @@ import torch
 
 from tuneshift.plugin import Plugin
 from tuneshift.words import load_word_list, static_embeddings
+from tuneshift.plugins.head_relations import section as report_section
 from tuneshift.plugins.head_relations import verbs, views
 from tuneshift.plugins.head_relations.mining import LayerResult, MiningSettings, head_knowledge, mine_model
 from tuneshift.plugins.head_relations.similarity import DEFAULT_CACHE_DIR, available_backends, make_backend, thresholds
@@ -108,6 +112,9 @@ class HeadRelationsPlugin(Plugin):
                                     o.html_pairs, labels=(model.name, ""))
         path = ctx.store.save_text(self.name, key, "view.html", page)
         ctx.logger.log_html(f"{self.name}/{key}/view", path)
+        png = views.plot_knowledge_by_head(knowledge, head["layers"], head["n_heads"],
+                                           ctx.store.dir(self.name, key) / "knowledge_by_head.png", model.name)
+        ctx.logger.log_image(f"{self.name}/{key}/knowledge_by_head", png)
         ctx.logger.log_metrics({k: v for k, v in head.items() if isinstance(v, (int, float))},
                                prefix=f"{self.name}/{key}")
         ctx.logger.log_table(f"{self.name}/{key}/layers", layer_summary(table, knowledge))
@@ -138,7 +145,11 @@ class HeadRelationsPlugin(Plugin):
 
         plot_dir = store.dir(self.name, cmp)
         pngs = {"overlap": views.plot_overlap(over, plot_dir / "overlap.png", base, tuned),
-                "verb_shares": views.plot_verb_shares(stats, plot_dir / "verb_shares.png")}
+                "verb_shares": views.plot_verb_shares(stats, plot_dir / "verb_shares.png", "Heads where tuning "
+                                                      f"adds pairs with the verb: instruction vs general verbs, "
+                                                      f"{base} vs {tuned}")}
+        store.save_table(self.name, cmp, "added_pairs", views.added_pairs(know[base], know[tuned], instruction))
+        store.save_table(self.name, cmp, "instruction_verbs", views.instruction_verb_table(shares, stats))
         page = views.knowledge_html(f"head_relations: {base} vs {tuned}", know[base], know[tuned], layers,
                                     n_heads, o.html_pairs, labels=(base, tuned), overlap=over, verb_stats=stats,
                                     images=pngs)
@@ -158,6 +169,10 @@ class HeadRelationsPlugin(Plugin):
         ctx.logger.log_table(f"{self.name}/{cmp}/overlap", over)
         ctx.logger.log_table(f"{self.name}/{cmp}/verb_stats", stats)
         ctx.logger.log_metrics({"jaccard_mean": float(over["jaccard"].mean())}, prefix=f"{self.name}/{cmp}")
+
+    def section(self, ctx: Any, key: str):
+        """Headline findings, captions and views of ``key`` (:mod:`.section`)."""
+        return report_section.build(ctx.store, self.name, key)
 
     # ---- steps ------------------------------------------------------------------------------------------------
     def backend(self):

@@ -3,7 +3,10 @@
 The page has, per layer, one row per head with its top knowledge pairs (most dims first, then similarity);
 in a comparison the pairs the tuned head holds and the base head does not are highlighted (tuning added them)
 and base pairs the tuned head lost are struck through. Plots are embedded as data URIs, so the file stands
-alone. Plots use matplotlib's Agg backend and are written atomically.
+alone. Plots use matplotlib's Agg backend and are written atomically: per pair the overlap per layer and the
+verb shares; per model (a single-model run too) the number of pairs each head holds. The report's tables of
+pairs added by tuning and of each instruction verb's share are derived here too (:func:`added_pairs`,
+:func:`instruction_verb_table`).
 """
 from __future__ import annotations
 
@@ -27,8 +30,12 @@ th{background:#f4f4f4}
 .lost{text-decoration:line-through;color:#999}
 .n{color:#888;font-size:11px}
 h2{margin-top:1.5em}
-img{max-width:48%;margin-right:1%}
+figure{display:inline-block;max-width:48%;margin:0 1% 1em 0;vertical-align:top}
+figure img{max-width:100%} figcaption{font-size:12px;color:#444}
 """
+IMAGE_CAPTIONS = {"overlap": "Head-knowledge pairs shared by the base and tuned heads, per layer",
+                  "verb_shares": "Share of heads where tuning adds pairs with the verb: instruction vs general "
+                                 "verbs, per layer group (Welch p above each group)"}
 
 
 def _pairs_cell(rows: pd.DataFrame, limit: int, other: set[str] | None, mark: str) -> str:
@@ -66,7 +73,9 @@ def knowledge_html(title: str, base: pd.DataFrame, tuned: pd.DataFrame | None, l
                      "</span>: lost by tuning.</p>")
     for name, path in (images or {}).items():
         data = base64.b64encode(Path(path).read_bytes()).decode()
-        parts.append(f"<img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>")
+        caption = html.escape(IMAGE_CAPTIONS.get(name, name.replace("_", " ")))
+        parts.append(f"<figure><img alt='{caption}' src='data:image/png;base64,{data}'><figcaption>{caption}"
+                     "</figcaption></figure>")
     if overlap is not None:
         parts.append("<h2>Pair overlap per layer</h2>" + _table_html(overlap))
     if verb_stats is not None:
@@ -111,20 +120,22 @@ def plot_overlap(overlap: pd.DataFrame, path: Path, base: str, tuned: str) -> Pa
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     for column, label in (("jaccard", "Jaccard (pooled)"), ("head_jaccard_mean", "Jaccard (mean over heads)"),
                           ("retained", f"share of {base} pairs kept")):
         ax.plot(overlap["layer"], overlap[column], marker="o", ms=3, label=label)
     ax.set_xlabel("layer")
-    ax.set_ylabel("overlap")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("share of knowledge pairs (0-1)")
     ax.set_ylim(0, 1)
     ax.set_title(f"Head-knowledge overlap, {base} vs {tuned}")
     ax.legend(fontsize=8)
     return _save_png(fig, path)
 
 
-def plot_verb_shares(stats: pd.DataFrame, path: Path) -> Path:
+def plot_verb_shares(stats: pd.DataFrame, path: Path, title: str = "") -> Path:
     """Mean (± std) share of heads where the tuned count exceeds the base count, per layer group, for
     instruction and general verbs, with Welch's p above each group."""
     import matplotlib
@@ -146,6 +157,60 @@ def plot_verb_shares(stats: pd.DataFrame, path: Path) -> Path:
     ax.set_xticks(x, [f"layers {labels[g]}" if labels is not None else str(g) for g in groups], fontsize=8)
     ax.axhline(0.5, color="#999", lw=0.8, ls="--")
     ax.set_ylim(0, 1.1)
-    ax.set_ylabel("share of heads: tuned > base")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_ylabel("share of heads: tuned > base (0-1)")
+    ax.set_xlabel("layer group")
+    ax.set_title(title or "Heads where tuning adds pairs with the verb: instruction vs general verbs", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right", title="mean ± std over verbs", title_fontsize=7)
     return _save_png(fig, path)
+
+
+def plot_knowledge_by_head(knowledge: pd.DataFrame, layers: list[int], n_heads: int, path: Path, name: str) -> Path:
+    """One model's head knowledge: how many word pairs each head (column) of each layer (row) holds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = knowledge.groupby(["layer", "head"]).size()
+    grid = np.array([[int(counts.get((layer, h), 0)) for h in range(n_heads)] for layer in layers])  # [L, H]
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 + 0.45 * n_heads), max(2.6, 1.4 + 0.35 * len(layers))))
+    image = ax.imshow(grid, cmap="Blues", aspect="auto", interpolation="nearest")
+    if grid.size <= 400:
+        for (i, j), v in np.ndenumerate(grid):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
+                    color="white" if v > 0.6 * max(grid.max(), 1) else "black")
+    if n_heads <= 32:
+        ax.set_xticks(range(n_heads))
+    if len(layers) <= 48:
+        ax.set_yticks(range(len(layers)), [str(x) for x in layers])
+    ax.set_xlabel("attention head")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{name}: word pairs each head holds (head knowledge, {int(grid.sum()):,} in all)", fontsize=9)
+    fig.colorbar(image, ax=ax, label="word pairs (count)")
+    return _save_png(fig, path)
+
+
+def added_pairs(base: pd.DataFrame, tuned: pd.DataFrame, instruction_verbs: list[str]) -> pd.DataFrame:
+    """The word pairs tuned heads hold and the same base heads do not: one row per pair with the number of
+    heads that gained it, their layers and whether an instruction verb is part of it; most heads first."""
+    keys = ["layer", "head", "pair"]
+    merged = tuned[keys + ["word_a", "word_b"]].merge(base[keys], on=keys, how="left", indicator=True)
+    added = merged[merged["_merge"] == "left_only"]
+    verbs = set(instruction_verbs)
+    table = (added.groupby("pair").agg(heads=("head", "size"), layers=("layer", lambda x: sorted(set(x))),
+                                       word_a=("word_a", "first"), word_b=("word_b", "first")).reset_index())
+    table["instruction_verb"] = table["word_a"].isin(verbs) | table["word_b"].isin(verbs)
+    table["layers"] = table["layers"].map(lambda v: ", ".join(map(str, v)))
+    return table.sort_values(["heads", "pair"], ascending=[False, True], kind="stable")[
+        ["pair", "heads", "layers", "instruction_verb"]].reset_index(drop=True)
+
+
+def instruction_verb_table(shares: pd.DataFrame, stats: pd.DataFrame) -> pd.DataFrame:
+    """``r_v`` of each instruction verb per layer group (columns ``layers a-b``) and its mean, highest first."""
+    mine = shares[shares["verb_set"] == "instruction"]
+    names = stats.drop_duplicates("group").set_index("group")["layers"].to_dict() if "layers" in stats else {}
+    wide = mine.pivot_table(index="word", columns="group", values="share", aggfunc="first")
+    wide.columns = [f"layers {names.get(g, g)}" for g in wide.columns]
+    wide["mean"] = wide.mean(axis=1)
+    heads = mine.groupby("word")["n_heads"].sum().rename("heads_changed")
+    return wide.join(heads).sort_values("mean", ascending=False).rename_axis("verb").reset_index()

@@ -33,6 +33,7 @@ import pandas as pd
 from tuneshift.data import encode_prompt
 from tuneshift.plugin import Plugin, PluginError
 from tuneshift.plugins.saliency import density as dens
+from tuneshift.plugins.saliency import section as report_section
 from tuneshift.plugins.saliency import stats, views
 from tuneshift.attribution import MODES, TARGETS, attribute, make_item, plan_modes
 
@@ -165,6 +166,8 @@ class SaliencyPlugin(Plugin):
             page = store.save_text(self.name, key, "examples.html", views.examples_html(
                 f"saliency: {run.name}", shown, f"Target: {o.target}; densities at b = {o.b}, p = {o.p}."))
             ctx.logger.log_html(f"{self.name}/{key}/examples", page)
+        for png in views.model_figures(store.dir(self.name, key), key, run.name, scores, profile, shown):
+            ctx.logger.log_image(f"{self.name}/{key}/{png.stem}", png)
         ctx.logger.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))},
                                prefix=f"{self.name}/{key}")
         ctx.logger.log_table(f"{self.name}/{key}/scores", scores)
@@ -179,6 +182,10 @@ class SaliencyPlugin(Plugin):
                                                                              "no instruction tokens").sum()),
                 "n_vjp": plans.count("vjp"), "n_jvp": plans.count("jvp"), "attribution_seconds": seconds,
                 "by_split": by_split}
+
+    def section(self, ctx: "RunContext", key: str):
+        """Headline findings, captions and views of ``key`` (:mod:`.section`)."""
+        return report_section.build(ctx.store, self.name, key, self.options)
 
     # ---- per pair ---------------------------------------------------------------------------------------------
     def on_compare(self, ctx: "RunContext", base: str, tuned: str) -> None:
@@ -198,7 +205,7 @@ class SaliencyPlugin(Plugin):
         dist = views.score_distribution_png(store.dir(self.name, key) / "score_distribution.png",
                                             {base: b_scores, tuned: t_scores}, f"instruction scores: {base} vs {tuned}")
         prof = views.density_profile_png(store.dir(self.name, key) / "density_profile.png", profile,
-                                         "importance density over prompt position")
+                                         f"importance density over relative prompt position: {base} vs {tuned}")
         ctx.logger.log_table(f"{self.name}/{key}/welch_tests", tests)
         ctx.logger.log_image(f"{self.name}/{key}/score_distribution", dist)
         ctx.logger.log_image(f"{self.name}/{key}/density_profile", prof)

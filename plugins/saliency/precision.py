@@ -213,6 +213,9 @@ def check_run(run_dir: str | Path, model_key: str = "tuned", n_prompts: int = 4,
         store = ResultStore(run_dir)
         store.save_json(PLUGIN_DIR, model_key, "summary", result.summary())
         store.save_table(PLUGIN_DIR, model_key, "prompts", pd.DataFrame(result.per_prompt))
+        from tuneshift.plugins.saliency.section import precision_section
+
+        store.save_json(PLUGIN_DIR, model_key, "section", precision_section(result).to_dict())
         store.mark_done(PLUGIN_DIR, model_key, f"{result.dtype}-vs-{result.reference_dtype}")
         store.update_summary(PLUGIN_DIR, {model_key: result.summary()})
         try:

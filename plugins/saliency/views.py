@@ -3,10 +3,13 @@
 HTML (no network, no external script): each prompt shows its tokens shaded by normalised importance density
 (instruction tokens underlined, a tooltip with the numbers), the response, and a heatmap of the integer
 scores S (prompt token x response token, b = 0) drawn on a canvas by a few lines of inline JavaScript from a
-compact string (one character per cell), with a tooltip naming the token pair under the mouse.
+compact string (one character per cell): prompt tokens label the rows, response tokens the columns,
+instruction tokens are shaded, long sequences keep their ends around a marker (:mod:`.heatmap`), and a tooltip
+names the token pair under the mouse.
 
-PNG (matplotlib, Agg backend): score distributions base vs tuned per split, and the density profile over
-relative prompt position.
+PNG (matplotlib, Agg backend): score distributions base vs tuned per split, the density profile over relative
+prompt position, and per model (also in a single-model run) its own distribution, profile and labelled score
+heatmaps (:func:`model_figures`).
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+
+from tuneshift.plugins.saliency.heatmap import CANVAS_COLS, CANVAS_ROWS, CANVAS_SCRIPT, heatmap_png
 
 CELL_CHARS = "0123456789a"  # S values 0..10, one character per heatmap cell
 
@@ -79,15 +84,20 @@ def _prompt_html(view: PromptView, index: int) -> str:
     n, m = view.scores.shape
     cells = "".join(CELL_CHARS[int(v)] for v in np.clip(view.scores, 0, 10).astype(int).ravel())
     payload = html.escape(json.dumps({"n": n, "m": m, "cells": cells, "rows": view.prompt_tokens,
-                                      "cols": view.response_tokens}), quote=True)
+                                      "cols": view.response_tokens, "instr": [int(x) for x in view.instruction],
+                                      "max_rows": CANVAS_ROWS, "max_cols": CANVAS_COLS}), quote=True)
     score = "n/a" if not np.isfinite(view.score) else f"{view.score:.4f}"
     note = f' <span class="note">{html.escape(view.note)}</span>' if view.note else ""
+    cut = (f"; the first and last tokens shown, the middle ones marked ⋯ (over {CANVAS_ROWS} prompt or "
+           f"{CANVAS_COLS} response tokens)" if n > CANVAS_ROWS or m > CANVAS_COLS else "")
+    caption = (f"Scores S of prompt {view.id}: rows are its {n} prompt tokens (instruction tokens shaded yellow), "
+               f"columns the {m} response tokens; darker red = a higher score (0-10){cut}.")
     return (f'<section id="p{index}"><h2>{html.escape(view.id)} <small>{html.escape(view.split)} | score {score} | '
             f'{n} prompt x {m} response tokens</small>{note}</h2>'
             f'<div class="prompt">{"".join(spans)}</div>'
             f'<details><summary>response</summary><div class="response">{response}</div></details>'
-            f'<details open><summary>scores S (rows: prompt tokens, columns: response tokens; darker = 10)</summary>'
-            f'<div class="heat" data-heat="{payload}"><canvas></canvas><div class="tip"></div></div></details>'
+            f'<figure><div class="heat" data-heat="{payload}"><canvas role="img" aria-label="{html.escape(caption)}">'
+            f'</canvas><div class="tip"></div></div><figcaption>{html.escape(caption)}</figcaption></figure>'
             f'</section>')
 
 
@@ -98,26 +108,12 @@ h2 small{font-weight:normal;color:#555} .note{color:#a33;font-weight:normal;font
 .prompt,.response{font-family:ui-monospace,monospace;line-height:1.9;white-space:pre-wrap;word-break:break-word}
 .tok{border-radius:2px;padding:1px 0} .instr{text-decoration:underline;text-decoration-thickness:2px;
 text-underline-offset:3px} .rtok{border-right:1px dotted #ddd}
-.heat{position:relative;overflow:auto;max-height:40em} .tip{position:fixed;display:none;background:#fff;
+.heat{position:relative;overflow-x:auto} .tip{position:fixed;display:none;background:#fff;
 border:1px solid #888;padding:2px 6px;font:12px ui-monospace,monospace;pointer-events:none}
 .legend span{display:inline-block;width:1.4em;text-align:center;font-size:.8em}
+figure{margin:.5em 0} figcaption{font-size:.85em;color:#444;margin-top:.3em}
 """
 
-_SCRIPT = """
-document.querySelectorAll('.heat').forEach(function(box){
-  var d=JSON.parse(box.dataset.heat), c=box.querySelector('canvas'), tip=box.querySelector('.tip');
-  var s=Math.max(3,Math.min(12,Math.floor(900/Math.max(d.m,1))));
-  c.width=d.m*s; c.height=d.n*s; var g=c.getContext('2d');
-  for(var i=0;i<d.n;i++)for(var j=0;j<d.m;j++){var v=parseInt(d.cells[i*d.m+j],11);
-    if(v>0){g.fillStyle='rgba(214,39,40,'+(v/10)+')';g.fillRect(j*s,i*s,s,s);}}
-  c.addEventListener('mousemove',function(e){var r=c.getBoundingClientRect(),
-    j=Math.floor((e.clientX-r.left)/s), i=Math.floor((e.clientY-r.top)/s);
-    if(i<0||j<0||i>=d.n||j>=d.m){tip.style.display='none';return;}
-    tip.textContent=JSON.stringify(d.rows[i])+' -> '+JSON.stringify(d.cols[j])+': '+parseInt(d.cells[i*d.m+j],11);
-    tip.style.left=(e.clientX+12)+'px'; tip.style.top=(e.clientY+12)+'px'; tip.style.display='block';});
-  c.addEventListener('mouseleave',function(){tip.style.display='none';});
-});
-"""
 
 
 def examples_html(title: str, views: Sequence[PromptView], intro: str = "") -> str:
@@ -130,7 +126,7 @@ def examples_html(title: str, views: Sequence[PromptView], intro: str = "") -> s
             f'<p>{html.escape(intro)} Prompt tokens are shaded by normalised importance density '
             f'(darker = the token matters to more response tokens); <u>underlined</u> tokens are the instruction. '
             f'Heatmap levels: <span class="legend">{legend}</span></p><p>{toc}</p>{body}'
-            f'<script>{_SCRIPT}</script></body></html>')
+            f'<script>{CANVAS_SCRIPT}</script></body></html>')
 
 
 # ---- plots ----------------------------------------------------------------------------------------------------
@@ -156,10 +152,12 @@ def score_distribution_png(path: str | Path, scores: dict[str, pd.DataFrame], ti
         for label, vals in values.items():
             if vals.size:
                 ax.hist(vals, bins=bins, alpha=0.5, label=f"{label} (mean {vals.mean():.3f}, n={vals.size})")
-        ax.set_title(split)
-        ax.set_xlabel("instruction score")
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("prompts")
+        if not any(v.size for v in values.values()):
+            ax.text(0.5, 0.5, "no scored prompts", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(f"split {split}")
+        ax.set_xlabel("instruction score (unitless)")
+        ax.set_ylabel("prompts (count)")
+        ax.legend(fontsize=7, title="model (mean, n)", title_fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(plt, fig, path)
@@ -173,15 +171,31 @@ def density_profile_png(path: str | Path, table: pd.DataFrame, title: str = "") 
         if column != "decile":
             ax.plot(table["decile"], table[column], marker="o", label=str(column))
     ax.set_xlabel("relative prompt position (decile)")
-    ax.set_ylabel("mean normalised density")
+    ax.set_ylabel("mean normalised density (0-1)")
     ax.set_xticks(list(table["decile"]))
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, title="model", title_fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
     return _save(plt, fig, path)
 
 
-__all__ = ["PromptView", "density_profile_png", "examples_html", "score_distribution_png", "token_strings"]
+def model_figures(directory: Path, key: str, name: str, scores: pd.DataFrame, profile: pd.DataFrame,
+                  shown: Sequence[PromptView], n_heatmaps: int = 2) -> list[Path]:
+    """One model's PNGs (a single-model run gets them too): its score distribution, its density profile
+    (``profile``: columns decile and ``key``) and the labelled heatmaps of its first ``n_heatmaps`` prompts."""
+    paths = [score_distribution_png(directory / "score_distribution.png", {key: scores},
+                                    f"instruction scores of {name}, per split"),
+             density_profile_png(directory / "density_profile.png", profile,
+                                 f"importance density of {name} over relative prompt position")]
+    for i, v in enumerate([v for v in shown if v.scores.size][:n_heatmaps]):
+        paths.append(heatmap_png(directory / f"heatmap_{i}.png", v.scores, v.prompt_tokens, v.response_tokens,
+                                 v.instruction, f"saliency of {name}, prompt {v.id}: score S of each prompt token "
+                                 "(rows) for each response token (columns)"))
+    return paths
+
+
+__all__ = ["PromptView", "density_profile_png", "examples_html", "model_figures", "score_distribution_png",
+           "token_strings"]
 
 
 def _save(plt, fig, path: str | Path) -> Path:
