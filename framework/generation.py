@@ -28,6 +28,16 @@ class Batch:
     attention_mask: torch.Tensor  # [B, T]
     position_ids: torch.Tensor  # [B, T]
 
+    @property
+    def response_tail(self) -> int | None:
+        """Positions at the end of the batch that hold every row's response predictions: ``max M_b + 1``.
+
+        Row b's logits at its last ``M_b + 1`` positions predict its response tokens and then the token after
+        them (its stop token), because left padding ends every row at the last column. None without responses.
+        """
+        lengths = [e.n_response for e in self.items if e.response_ids is not None]
+        return min(max(lengths) + 1, int(self.input_ids.shape[1])) if lengths else None
+
 
 def make_batches(items: list[EncodedPrompt], batch_size: int, pad_id: int) -> Iterator[Batch]:
     """Consecutive batches of prompt (+ response) ids, left-padded with position ids over real tokens."""
@@ -62,6 +72,7 @@ def generate_responses(run: "ModelRun", max_new_tokens: int, batch_size: int, pr
         for item, row in zip(batch.items, new):
             stop_at = [i for i, t in enumerate(row.tolist()) if t in stops]
             item.response_ids = row[: stop_at[0] if stop_at else len(row)].clone()
+            item.stop_id = int(row[stop_at[0]]) if stop_at else None
             item.response_text = run.tokenizer.decode(item.response_ids, skip_special_tokens=True)
 
 
