@@ -1,0 +1,110 @@
+"""Next-token distributions, exactly and in bounded memory: ranks, log-probabilities, entropy, KL, top-k.
+
+What it is for
+    Token distribution shift and the layer lens (methods.md D) compare full next-token distributions over a
+    vocabulary of up to a few hundred thousand tokens. Every function here takes logits ``[N, V]`` (any dtype:
+    a model's own output, exact), works through them in chunks of positions sized so that one chunk holds at
+    most ``max_elements`` float64 values, and computes in float64 (KL of near-identical distributions and
+    probabilities near 1 amplify rounding). Nothing of size ``[N, V]`` in float64 is ever held at once.
+
+Conventions: ``rank`` is 1 for the most probable token, ``1 + #{v : logit_v > logit_target}`` (ties favour the
+target); ``KL(p || q) = sum_v p_v (log p_v - log q_v)`` in nats.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+DEFAULT_MAX_ELEMENTS = 1 << 23  # float64 values per chunk: 64 MiB
+
+
+def chunks(n: int, vocab: int, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Iterator[slice]:
+    """Slices of ``range(n)`` whose ``[len, vocab]`` float64 block holds at most ``max_elements`` values."""
+    step = max(1, max_elements // max(1, vocab))
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
+
+
+def log_softmax64(logits: Tensor) -> Tensor:
+    """``log_softmax`` in float64. ``[n, V] -> [n, V]``"""
+    return torch.log_softmax(logits.double(), dim=-1)
+
+
+def token_stats(logits: Tensor, targets: Tensor, top_k: int = 5,
+                max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict[str, Tensor]:
+    """Per position: the target's log-prob and rank, the entropy, and the top-k tokens with their log-probs.
+
+    ``logits [N, V]``, ``targets [N]`` -> ``logp [N]`` f64, ``rank [N]`` long, ``entropy [N]`` f64,
+    ``top_ids [N, k]`` long, ``top_logp [N, k]`` f64 (all on the logits' device).
+    """
+    N, V = logits.shape
+    k = min(top_k, V)
+    out = {"logp": logits.new_empty(N, dtype=torch.float64), "rank": logits.new_empty(N, dtype=torch.long),
+           "entropy": logits.new_empty(N, dtype=torch.float64), "top_ids": logits.new_empty(N, k, dtype=torch.long),
+           "top_logp": logits.new_empty(N, k, dtype=torch.float64)}
+    for part in chunks(N, V, max_elements):
+        lp = log_softmax64(logits[part])                                              # [n, V]
+        target = lp.gather(-1, targets[part, None].to(lp.device)).squeeze(-1)         # [n]
+        out["logp"][part] = target
+        out["rank"][part] = 1 + (lp > target[:, None]).sum(-1)
+        out["entropy"][part] = -(lp.exp() * lp).sum(-1)
+        values, ids = lp.topk(k, dim=-1)
+        out["top_ids"][part], out["top_logp"][part] = ids, values
+        del lp
+    return out
+
+
+def kl_divergence(logits_p: Tensor, logits_q: Tensor, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Tensor:
+    """``KL(p || q)`` per position of two logit tensors over the same vocabulary. ``[N, V], [N, V] -> [N]`` f64"""
+    if logits_p.shape != logits_q.shape:
+        raise ValueError(f"KL needs two distributions over one vocabulary; got {tuple(logits_p.shape)} and "
+                         f"{tuple(logits_q.shape)}")
+    N, V = logits_p.shape
+    out = logits_p.new_empty(N, dtype=torch.float64)
+    for part in chunks(N, V, max_elements // 2):
+        lp, lq = log_softmax64(logits_p[part]), log_softmax64(logits_q[part].to(logits_p.device))
+        out[part] = (lp.exp() * (lp - lq)).sum(-1)
+        del lp, lq
+    return out
+
+
+def lens_stats(hidden: Tensor, final_logits: Tensor, to_logits: Callable[[Tensor], Tensor], targets: Tensor,
+               max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict[str, Tensor]:
+    """The logit lens of one layer against the model's final distribution, per position.
+
+    ``hidden [N, d]`` (that layer's residual stream), ``final_logits [N, V]``, ``to_logits`` (final norm +
+    unembedding), ``targets [N]`` -> ``kl [N]`` = KL(final || lens) f64, ``top1 [N]`` long (the lens argmax),
+    ``logp [N]`` f64 (the target's log-prob under the lens).
+    """
+    N, V = final_logits.shape
+    out = {"kl": hidden.new_empty(N, dtype=torch.float64), "top1": hidden.new_empty(N, dtype=torch.long),
+           "logp": hidden.new_empty(N, dtype=torch.float64)}
+    for part in chunks(N, V, max_elements // 2):
+        lens = log_softmax64(to_logits(hidden[part]))                                 # [n, V]
+        final = log_softmax64(final_logits[part].to(lens.device))
+        out["kl"][part] = (final.exp() * (final - lens)).sum(-1)
+        out["top1"][part] = lens.argmax(-1)
+        out["logp"][part] = lens.gather(-1, targets[part, None].to(lens.device)).squeeze(-1)
+        del lens, final
+    return out
+
+
+def commitment_depth(lens_top1: Tensor, final_top1: Tensor) -> Tensor:
+    """First layer from which the lens argmax equals the final argmax at every later layer. ``[N, L], [N] -> [N]``
+
+    A position whose last layer already disagrees (impossible when the last lens is the model's own output)
+    gets ``L``.
+    """
+    agree = lens_top1 == final_top1[:, None]                                            # [N, L]
+    # suffix "all agree": flip, cumulative product, flip back
+    stays = agree.flip(-1).long().cumprod(-1).flip(-1).bool()                           # [N, L]
+    L = agree.shape[1]
+    first = torch.where(stays, torch.arange(L, device=agree.device).expand_as(stays), torch.full_like(stays, L,
+                                                                                                      dtype=torch.long))
+    return first.min(-1).values
+
+
+__all__ = ["DEFAULT_MAX_ELEMENTS", "chunks", "commitment_depth", "kl_divergence", "lens_stats", "log_softmax64",
+           "token_stats"]

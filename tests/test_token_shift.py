@@ -1,0 +1,132 @@
+"""token_shift against a naive two-model loop on a tiny random pair, on the shared (tuned) response."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from tuneshift.attribution import make_item, naive_attribution
+from tuneshift.cli import run_config as run
+from tuneshift.config import validate
+from tuneshift.data import encode_prompt, load_prompts
+from tuneshift.errors import ConfigError
+from tuneshift.loading import ModelSpec, load_model
+from tuneshift.plugin import PluginError
+from tuneshift.plugins.token_shift import stats
+from tuneshift.results import ResultStore
+
+N_PROMPTS, N_NEW = 5, 6
+
+
+def _cfg(tmp_path, plugins, source="tuned", family="llama", **extra):
+    return validate(OmegaConf.create({
+        "model": {"name": "tiny", "models": {"base": {"name": "b", "path": f"tiny-random:{family}:0"},
+                                             "tuned": {"name": "t", "path": f"tiny-random:{family}:1"}},
+                  "pairs": [["base", "tuned"]]},
+        "data": {"limit": N_PROMPTS}, "generation": {"max_new_tokens": N_NEW, "response_source": source},
+        "run": {"root": str(tmp_path), "name": "job", "batch_size": 2, "progress": False, "report": False},
+        "plugins": plugins, **extra,
+    }))
+
+
+def _naive_positions(base, tuned, tok, prompts, rows):
+    """Per position of the tuned response: a plain forward of each model, float64 softmax, rank by counting."""
+    out = []
+    for prompt, row in zip(prompts, rows):
+        enc = encode_prompt(tok, prompt, False)
+        resp = row["response_ids"] + ([row["stop_id"]] if row["stop_id"] is not None else [])
+        ids = torch.cat([enc.input_ids, torch.tensor(row["response_ids"], dtype=torch.long)])[None]
+        with torch.no_grad():
+            lb = base(ids).logits[0].double().log_softmax(-1)
+            lt = tuned(ids).logits[0].double().log_softmax(-1)
+        for m, y in enumerate(resp):
+            c = enc.n_prompt - 1 + m
+            rank = 1 + int((lb[c] > lb[c, y]).sum())
+            kl_tb = float((lt[c].exp() * (lt[c] - lb[c])).sum())
+            kl_bt = float((lb[c].exp() * (lb[c] - lt[c])).sum())
+            out.append({"id": prompt.id, "m": m, "token_id": y, "rank_base": rank, "p_base": float(lb[c, y].exp()),
+                        "p_tuned": float(lt[c, y].exp()), "kl_tb": kl_tb, "kl_bt": kl_bt})
+    return pd.DataFrame(out)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_token_shift_equals_a_naive_two_model_loop(tmp_path, family):
+    run(_cfg(tmp_path, {"token_shift": {"html_prompts": 2}}, family=family))
+    store = ResultStore(tmp_path / "job")
+    table = store.load_table("token_shift", "compare/base__tuned", "positions")
+    rows = [json.loads(line) for line in (tmp_path / "job" / "responses" / "tuned.jsonl").read_text().splitlines()]
+    assert not (tmp_path / "job" / "responses" / "base.jsonl").exists()  # the base model scores tuned's response
+    base, tok = load_model(ModelSpec(path=f"tiny-random:{family}:0"))
+    tuned, _ = load_model(ModelSpec(path=f"tiny-random:{family}:1"))
+    prompts = load_prompts("builtin", limit=N_PROMPTS)
+    naive = _naive_positions(base, tuned, tok, prompts, rows)
+    assert len(table) == len(naive) == sum(len(r["response_ids"]) + (r["stop_id"] is not None) for r in rows)
+    merged = naive.merge(table, on=["id", "m"], suffixes=("", "_plugin"))
+    assert len(merged) == len(naive)
+    assert (merged["token_id"] == merged["token_id_plugin"]).all()
+    assert (merged["rank_base"] == merged["rank_base_plugin"]).all()
+    for col in ("p_base", "p_tuned", "kl_tb", "kl_bt"):
+        np.testing.assert_allclose(merged[f"{col}_plugin"], merged[col], rtol=1e-4, atol=1e-7)
+    expected = np.where(merged["rank_base"] == 1, "unshifted", np.where(merged["rank_base"] <= 3, "marginal", "shifted"))
+    assert (merged["class"] == expected).all()
+    # the paired cache is gone after the comparison, the summary is consistent with the table
+    assert not (tmp_path / "job" / "token_shift" / "base" / "paired").exists()
+    summary = store.load_json("token_shift", "compare/base__tuned", "summary")
+    assert summary["share_shifted"] == pytest.approx((table["class"] == "shifted").mean())
+    assert summary["mean_kl_tb"] == pytest.approx(naive["kl_tb"].mean(), rel=1e-4)
+
+    # differential attribution: I_T - I_B of log p on identical ids, against the slow reference per model
+    arrays = store.load_arrays("token_shift", "compare/base__tuned", "differential")
+    for i, (prompt, row) in enumerate(zip(prompts[:2], rows[:2])):
+        enc = encode_prompt(tok, prompt, False)
+        item = make_item(enc.input_ids, torch.tensor(row["response_ids"]), enc.content_mask)
+        D = naive_attribution(tuned, item, "logprob") - naive_attribution(base, item, "logprob")
+        np.testing.assert_allclose(arrays[f"D_{i}"], D.numpy(), rtol=1e-3, atol=1e-5 * float(D.abs().max()))
+    section = json.loads((tmp_path / "job" / "token_shift" / "compare" / "base__tuned" / "section.json").read_text())
+    assert any(h["label"].startswith("shifted share") for h in section["headlines"])
+    assert (tmp_path / "job" / "token_shift" / "compare" / "base__tuned" / "shift_by_position.png").is_file()
+
+
+def test_token_shift_needs_a_shared_response(tmp_path):
+    with pytest.raises(PluginError, match="response_source=tuned"):
+        run(_cfg(tmp_path, {"token_shift": {}}, source="own"))
+
+
+def test_response_source_errors(tmp_path):
+    with pytest.raises(ConfigError, match="choose one of own, tuned, base, reference"):
+        run(_cfg(tmp_path, {"token_shift": {}}, source="mine"))
+    with pytest.raises(ConfigError, match="no 'reference' answer"):
+        run(_cfg(tmp_path, {"token_shift": {}}, source="reference"))  # the builtin prompts have no reference
+
+
+def test_classes_and_format_tokens():
+    assert list(stats.classify(np.array([1, 2, 3, 4, 10]))) == ["unshifted", "marginal", "marginal", "shifted",
+                                                                "shifted"]
+    assert list(stats.classify(np.array([2, 3]), marginal_max_rank=2)) == ["marginal", "shifted"]
+    assert stats.is_format_token("\n") and stats.is_format_token(" .") and stats.is_format_token("x", special=True)
+    assert not stats.is_format_token(" the") and not stats.is_format_token("3.")
+
+
+def test_statistics_on_a_hand_made_table():
+    table = pd.DataFrame({
+        "id": ["a"] * 4 + ["b"] * 2, "category": ["x"] * 4 + ["y"] * 2, "m": [0, 1, 2, 3, 0, 1],
+        "n_response": [3, 3, 3, 3, 2, 2], "is_stop": [False, False, False, True, False, False],
+        "token_id": [5, 6, 5, 1, 5, 7], "token": ["\n", "a", "\n", "<eos>", "\n", "b"],
+        "is_format": [True, False, True, True, True, False], "rank_base": [9, 1, 2, 4, 5, 1],
+        "kl_tb": [1.0, 0.0, 0.5, 2.0, 1.0, 0.1], "kl_bt": [0.5] * 6})
+    table["class"] = stats.classify(table["rank_base"].to_numpy())
+    s = stats.shares(table)
+    assert s == {"unshifted": 2 / 6, "marginal": 1 / 6, "shifted": 3 / 6}
+    top = stats.top_shifted_tokens(table)
+    assert top.iloc[0]["token_id"] == 5 and top.iloc[0]["n_shifted"] == 2 and top.iloc[0]["n_total"] == 3
+    fmt = stats.format_enrichment(table)
+    assert fmt["format_share_of_shifted"] == 1.0 and fmt["format_share_of_other"] == pytest.approx(1 / 3)
+    by_pos = stats.by_relative_position(table, bins=2)  # rel: 0, 1/3, 2/3, 1, 0, 1/2
+    assert list(by_pos["n"]) == [3, 3] and by_pos["share_shifted"].tolist() == [pytest.approx(2 / 3),
+                                                                                pytest.approx(1 / 3)]
+    per = stats.per_prompt(table).set_index("id")
+    assert per.loc["a", "share_shifted"] == 0.5 and per.loc["b", "mean_kl_tb"] == pytest.approx(0.55)
