@@ -130,3 +130,42 @@ def test_statistics_on_a_hand_made_table():
                                                                                 pytest.approx(1 / 3)]
     per = stats.per_prompt(table).set_index("id")
     assert per.loc["a", "share_shifted"] == 0.5 and per.loc["b", "mean_kl_tb"] == pytest.approx(0.55)
+
+
+def test_saliency_scores_both_models_on_identical_tokens(tmp_path):
+    run(_cfg(tmp_path, {"saliency": {"save_raw": True, "html_prompts": 0}}))
+    store = ResultStore(tmp_path / "job")
+    b, t = store.load_arrays("saliency", "base", "matrices"), store.load_arrays("saliency", "tuned", "matrices")
+    rows = [json.loads(line) for line in (tmp_path / "job" / "responses" / "tuned.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):
+        assert b[f"I_{i}"].shape == t[f"I_{i}"].shape == (b[f"I_{i}"].shape[0], len(row["response_ids"]))
+    with pytest.raises(PluginError, match="conflicts with generation.response_source"):
+        run(_cfg(tmp_path / "x", {"saliency": {"chat_template": True}}))
+
+
+@pytest.mark.parametrize("source", ["base", "reference"])
+def test_other_response_sources(tmp_path, source):
+    extra = {"data": {"format": "organism", "limit": 3}} if source == "reference" else {}
+    cfg = _cfg(tmp_path, {"token_shift": {"attribution": False}}, source=source, **extra)
+    run(cfg)
+    store = ResultStore(tmp_path / "job")
+    table = store.load_table("token_shift", "compare/base__tuned", "positions")
+    _, tok = load_model(ModelSpec(path="tiny-random:llama:0"))
+    if source == "reference":
+        prompts = load_prompts("organism", limit=3)
+        expected = [tok(p.reference, add_special_tokens=False)["input_ids"] for p in prompts]
+        assert not (tmp_path / "job" / "responses").exists()   # nothing generated
+    else:
+        rows = [json.loads(x) for x in (tmp_path / "job" / "responses" / "base.jsonl").read_text().splitlines()]
+        expected = [r["response_ids"] + ([r["stop_id"]] if r["stop_id"] is not None else []) for r in rows]
+        assert not (tmp_path / "job" / "responses" / "tuned.jsonl").exists()
+    got = [g.sort_values("m")["token_id"].tolist() for _, g in table.groupby("id", sort=False)]
+    assert got == expected
+
+
+def test_a_model_in_two_pairs_with_two_sources_is_refused(tmp_path):
+    cfg = _cfg(tmp_path, {"token_shift": {}})
+    cfg.model.models["other"] = ModelSpec(name="o", path="tiny-random:llama:2")
+    cfg.model.pairs = [["base", "tuned"], ["base", "other"]]
+    with pytest.raises(ConfigError, match="sits in several pairs"):
+        run(cfg)
