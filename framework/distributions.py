@@ -70,23 +70,54 @@ def kl_divergence(logits_p: Tensor, logits_q: Tensor, max_elements: int = DEFAUL
     return out
 
 
-def lens_stats(hidden: Tensor, final_logits: Tensor, to_logits: Callable[[Tensor], Tensor], targets: Tensor,
+def pair_stats(logits_base: Tensor, logits_tuned: Tensor, targets: Tensor,
                max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict[str, Tensor]:
-    """The logit lens of one layer against the model's final distribution, per position.
+    """Two models at the same positions, each distribution normalised once per chunk (float64).
 
-    ``hidden [N, d]`` (that layer's residual stream), ``final_logits [N, V]``, ``to_logits`` (final norm +
-    unembedding), ``targets [N]`` -> ``kl [N]`` = KL(final || lens) f64, ``top1 [N]`` long (the lens argmax),
-    ``logp [N]`` f64 (the target's log-prob under the lens).
+    ``[N, V] x2, [N]`` -> ``rank_base, rank_tuned [N]`` long, ``logp_base, logp_tuned [N]``, ``kl_tb [N]`` =
+    KL(tuned || base) and ``kl_bt [N]`` = KL(base || tuned), f64.
     """
-    N, V = final_logits.shape
-    out = {"kl": hidden.new_empty(N, dtype=torch.float64), "top1": hidden.new_empty(N, dtype=torch.long),
-           "logp": hidden.new_empty(N, dtype=torch.float64)}
+    if logits_base.shape != logits_tuned.shape:
+        raise ValueError(f"two distributions over one vocabulary needed; got {tuple(logits_base.shape)} and "
+                         f"{tuple(logits_tuned.shape)}")
+    N, V = logits_base.shape
+    out = {k: logits_base.new_empty(N, dtype=torch.float64) for k in ("logp_base", "logp_tuned", "kl_tb", "kl_bt")}
+    out.update({k: logits_base.new_empty(N, dtype=torch.long) for k in ("rank_base", "rank_tuned")})
     for part in chunks(N, V, max_elements // 2):
-        lens = log_softmax64(to_logits(hidden[part]))                                 # [n, V]
-        final = log_softmax64(final_logits[part].to(lens.device))
+        lb, lt = log_softmax64(logits_base[part]), log_softmax64(logits_tuned[part].to(logits_base.device))
+        y = targets[part, None].to(lb.device)
+        for name, lp in (("base", lb), ("tuned", lt)):
+            target = lp.gather(-1, y).squeeze(-1)
+            out[f"logp_{name}"][part] = target
+            out[f"rank_{name}"][part] = 1 + (lp > target[:, None]).sum(-1)
+        diff = lt - lb
+        out["kl_tb"][part] = (lt.exp() * diff).sum(-1)
+        out["kl_bt"][part] = -(lb.exp() * diff).sum(-1)
+        del lb, lt, diff
+    return out
+
+
+def lens_stats(hidden: Tensor, final_logp: Tensor, to_logits: Callable[[Tensor], Tensor], targets: Tensor,
+               max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict[str, Tensor]:
+    """The logit lens of several layers against the model's final distribution, per position.
+
+    ``hidden [N, L, d]`` (the layers' residual streams at N positions), ``final_logp [N, V]`` (the final
+    log-probabilities in float64, :func:`log_softmax64`), ``to_logits`` (final norm + unembedding),
+    ``targets [N]`` -> ``kl [N, L]`` = KL(final || lens_l) f64, ``top1 [N, L]`` long (the lens argmax),
+    ``logp [N, L]`` f64 (the target's log-prob under the lens). All layers of a chunk of positions go
+    through one unembedding and one float64 softmax.
+    """
+    N, L, _ = hidden.shape
+    V = final_logp.shape[-1]
+    out = {"kl": hidden.new_empty(N, L, dtype=torch.float64), "top1": hidden.new_empty(N, L, dtype=torch.long),
+           "logp": hidden.new_empty(N, L, dtype=torch.float64)}
+    for part in chunks(N, V * max(L, 1), max_elements):
+        lens = log_softmax64(to_logits(hidden[part]))                                 # [n, L, V]
+        final = final_logp[part].to(lens.device)[:, None]                             # [n, 1, V]
         out["kl"][part] = (final.exp() * (final - lens)).sum(-1)
         out["top1"][part] = lens.argmax(-1)
-        out["logp"][part] = lens.gather(-1, targets[part, None].to(lens.device)).squeeze(-1)
+        index = targets[part].to(lens.device)[:, None, None].expand(-1, L, 1)
+        out["logp"][part] = lens.gather(-1, index).squeeze(-1)
         del lens, final
     return out
 
@@ -106,5 +137,5 @@ def commitment_depth(lens_top1: Tensor, final_top1: Tensor) -> Tensor:
     return first.min(-1).values
 
 
-__all__ = ["DEFAULT_MAX_ELEMENTS", "chunks", "commitment_depth", "kl_divergence", "lens_stats", "log_softmax64",
+__all__ = ["DEFAULT_MAX_ELEMENTS", "chunks", "commitment_depth", "kl_divergence", "lens_stats", "log_softmax64", "pair_stats",
            "token_stats"]

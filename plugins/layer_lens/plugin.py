@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from tuneshift.data import encode_prompt
-from tuneshift.distributions import commitment_depth, lens_stats
+from tuneshift.distributions import commitment_depth, lens_stats, log_softmax64
 from tuneshift.fingerprint import neutral
 from tuneshift.generation import response_positions
 from tuneshift.lens import logit_lens
@@ -111,21 +111,23 @@ class LayerLensPlugin(Plugin):
         resid = {i: captures[f"layers.{i}.resid_post"] for i in self.layers}           # [B, T, d] each
         hidden = torch.stack([resid[i][:, -K:][rows, cols] for i in self.layers], 1)   # [N, L', d]
         N, L = hidden.shape[0], len(self.layers)
+        final_lp = log_softmax64(final)                                                # [N, V]
         kl = torch.zeros(N, L, dtype=torch.float64)
         top1 = final_top1[:, None].repeat(1, L).cpu()
         logp = torch.zeros(N, L, dtype=torch.float64)
-        final_lp = torch.log_softmax(final.double(), -1).gather(-1, pos.targets[:, None].to(final.device))[:, 0]
-        logp[:, -1] = final_lp.cpu()
-        for j in range(L - 1):                                                         # the last lens is the output
-            got = lens_stats(hidden[:, j], final, self._lens, pos.targets)
-            kl[:, j], top1[:, j], logp[:, j] = got["kl"].cpu(), got["top1"].cpu(), got["logp"].cpu()
+        logp[:, -1] = final_lp.gather(-1, pos.targets[:, None].to(final.device))[:, 0].cpu()
+        if L > 1:                                                                      # the last lens is the output
+            got = lens_stats(hidden[:, :-1], final_lp, self._lens, pos.targets)
+            kl[:, :-1], top1[:, :-1], logp[:, :-1] = got["kl"].cpu(), got["top1"].cpu(), got["logp"].cpu()
+        del final_lp
         depth = commitment_depth(top1, final_top1.cpu())
+        commit = [int(self.layers[d]) if d < L else L for d in depth.tolist()]
+        rows_b, ms, stops, targets = pos.rows.tolist(), pos.m.tolist(), pos.is_stop.tolist(), pos.targets.tolist()
+        top_final = final_top1.tolist()
         for j in range(N):
-            e = batch.items[int(pos.rows[j])]
-            self._rows.append({"id": e.prompt.id, "category": e.prompt.category, "m": int(pos.m[j]),
-                               "is_stop": bool(pos.is_stop[j]), "token_id": int(pos.targets[j]),
-                               "commitment_layer": int(self.layers[int(depth[j])]) if int(depth[j]) < L else L,
-                               "final_top1": int(final_top1[j])})
+            e = batch.items[rows_b[j]]
+            self._rows.append({"id": e.prompt.id, "category": e.prompt.category, "m": ms[j], "is_stop": stops[j],
+                               "token_id": targets[j], "commitment_layer": commit[j], "final_top1": top_final[j]})
         self._kl.append(kl.numpy())
         self._agree.append((top1 == final_top1.cpu()[:, None]).numpy())
         self._logp.append(logp.numpy())

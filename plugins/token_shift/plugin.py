@@ -21,6 +21,7 @@ shared tokens), ``attribution.npz`` (``I_<i>`` gradient x input of log p, ``ids`
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -29,7 +30,7 @@ import pandas as pd
 import torch
 
 from tuneshift.attribution import attribute, make_item
-from tuneshift.distributions import kl_divergence, token_stats
+from tuneshift.distributions import pair_stats, token_stats
 from tuneshift.fingerprint import neutral
 from tuneshift.generation import response_positions
 from tuneshift.paired import PairedCache, PairedCacheError, pair_role, release, writer_reusable
@@ -106,14 +107,14 @@ class TokenShiftPlugin(Plugin):
         ids = [e.prompt.id for e in batch.items]
         full_ids = [torch.cat([e.input_ids, e.response_ids]) for e in batch.items]
         special = set(run.tokenizer.all_special_ids)
-        for j in range(len(pos.rows)):
-            e = batch.items[int(pos.rows[j])]
-            tok = int(pos.targets[j])
-            self._own.append({"id": e.prompt.id, "category": e.prompt.category, "m": int(pos.m[j]),
-                              "n_response": e.n_response, "is_stop": bool(pos.is_stop[j]), "token_id": tok,
-                              "logp": float(own["logp"][j]), "rank": int(own["rank"][j]),
-                              "entropy": float(own["entropy"][j]),
-                              "top_ids": own["top_ids"][j].tolist(), "top_logp": own["top_logp"][j].tolist()})
+        rows, ms, stops, targets = pos.rows.tolist(), pos.m.tolist(), pos.is_stop.tolist(), pos.targets.tolist()
+        own = {k: v.tolist() for k, v in own.items()}
+        for j in range(len(rows)):
+            e = batch.items[rows[j]]
+            self._own.append({"id": e.prompt.id, "category": e.prompt.category, "m": ms[j],
+                              "n_response": e.n_response, "is_stop": stops[j], "token_id": targets[j],
+                              "logp": own["logp"][j], "rank": own["rank"][j], "entropy": own["entropy"][j],
+                              "top_ids": own["top_ids"][j], "top_logp": own["top_logp"][j]})
         if any(w for *_, w in self._roles):
             self._cache.write(batch.index, ids, {"logits": [flat[pos.of_row(b).to(flat.device)]
                                                             for b in range(len(batch.items))], "ids": full_ids})
@@ -131,19 +132,18 @@ class TokenShiftPlugin(Plugin):
                 other.append(got["logits"])
             other = torch.cat(other).to(flat.device)                                  # [N, V]
             b_logits, t_logits = (other, flat) if run.key == tuned else (flat, other)
-            base_stats = token_stats(b_logits, pos.targets, 1)
-            tuned_stats = token_stats(t_logits, pos.targets, 1)
-            kl_tb, kl_bt = kl_divergence(t_logits, b_logits), kl_divergence(b_logits, t_logits)
-            for j in range(len(pos.rows)):
-                e = batch.items[int(pos.rows[j])]
-                tok = int(pos.targets[j])
+            pair = {k: v.tolist() for k, v in pair_stats(b_logits, t_logits, pos.targets).items()}
+            for j in range(len(rows)):
+                e = batch.items[rows[j]]
+                tok = targets[j]
+                text = self._text(run, tok)
                 self._pairs[(base, tuned)].append({
-                    "id": e.prompt.id, "category": e.prompt.category, "m": int(pos.m[j]), "n_response": e.n_response,
-                    "is_stop": bool(pos.is_stop[j]), "token_id": tok, "token": self._text(run, tok),
-                    "is_format": stats.is_format_token(self._text(run, tok), tok in special),
-                    "rank_base": int(base_stats["rank"][j]), "p_base": float(base_stats["logp"][j].exp()),
-                    "rank_tuned": int(tuned_stats["rank"][j]), "p_tuned": float(tuned_stats["logp"][j].exp()),
-                    "kl_tb": float(kl_tb[j]), "kl_bt": float(kl_bt[j])})
+                    "id": e.prompt.id, "category": e.prompt.category, "m": ms[j], "n_response": e.n_response,
+                    "is_stop": stops[j], "token_id": tok, "token": text,
+                    "is_format": stats.is_format_token(text, tok in special),
+                    "rank_base": pair["rank_base"][j], "p_base": math.exp(pair["logp_base"][j]),
+                    "rank_tuned": pair["rank_tuned"][j], "p_tuned": math.exp(pair["logp_tuned"][j]),
+                    "kl_tb": pair["kl_tb"][j], "kl_bt": pair["kl_bt"][j]})
 
     def on_model_end(self, ctx: "RunContext", run: "ModelRun") -> None:
         store, o = ctx.store, self.options
