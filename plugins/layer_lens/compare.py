@@ -46,17 +46,20 @@ def compare_models(store, plugin: str, base: str, tuned: str) -> tuple[dict[str,
     return {"by_layer": by_layer, "commitment": counts, "adl_top": adl_top}, summary
 
 
-def adl_headline(adl: pd.DataFrame, layers: list[int]) -> str:
-    """Top 5 tokens of the mean difference at the middle lensed layer, at the last template token and plain:0."""
+def adl_headline(adl: pd.DataFrame, layers: list[int]) -> dict:
+    """The mean difference at the last template token (else the first response token), middle lensed layer:
+    its norm and its top 5 tokens."""
     if not len(adl):
-        return "n/a"
+        return {}
     middle = len(layers) // 2
-    parts = []
-    for slot in ("template:-1", "plain:1", "response:0"):
+    for slot in ("template:-1", "response:0", "plain:1"):
         rows = adl[(adl["slot"] == slot) & (adl["layer_index"] == middle)].sort_values("rank").head(5)
         if len(rows):
-            parts.append(f"{slot} at layer {layers[middle]}: " + ", ".join(repr(t) for t in rows["token"]))
-    return "; ".join(parts) + f" (decoded with {adl['decoded_with'].iloc[0]}'s lens)"
+            token = rows["slot_token"].iloc[0]
+            return {"slot": slot, "slot_token": token, "layer": int(layers[middle]),
+                    "norm": float(rows["diff_norm"].iloc[0]), "tokens": rows["token"].tolist(),
+                    "decoded_with": str(rows["decoded_with"].iloc[0])}
+    return {}
 
 
 __all__ = ["adl_headline", "compare_models", "residual_difference"]

@@ -35,7 +35,7 @@ from tuneshift.paired import PairedCache, PairedCacheError, pair_role, release, 
 from tuneshift.plugin import Plugin, PluginError
 from tuneshift.plugins.layer_lens import adl, compare, views
 from tuneshift.probes import Probe
-from tuneshift.sections import Figure, Headline, Section, Table
+from tuneshift.sections import Figure, Headline, Section, Table, format_number
 
 if TYPE_CHECKING:
     from tuneshift.runner import Batch, ModelRun, RunContext
@@ -217,9 +217,15 @@ class LayerLensPlugin(Plugin):
                  Headline("mean KL(final || lens) over layers", base=s["lens_kl_base"], tuned=s["lens_kl_tuned"],
                           unit=" nats", n=s["n_positions"]),
                  Headline("largest residual difference ||h_T - h_B|| / ||h_B||", value=s["max_rel_norm"],
-                          note=f"at layer {s['max_rel_norm_layer']}; first layer {s['first_rel_norm']:.3f}"),
-                 Headline("activation-difference lens, top tokens", value=None,
-                          note=s.get("adl_headline", "n/a"))]
+                          note=f"at layer {s['max_rel_norm_layer']}; first layer "
+                               f"{format_number(s['first_rel_norm'])}"),
+                 ]
+        top = s.get("adl_headline") or {}
+        if top:
+            heads.append(Headline(f"activation difference at {top['slot']} ({top['slot_token']!r}), layer "
+                                  f"{top['layer']}: ||mean(h_T - h_B)||", value=top["norm"],
+                                  note="lens top tokens " + ", ".join(repr(t) for t in top["tokens"])
+                                       + f" (decoded by {top['decoded_with']})"))
         return Section(
             self.title, self.explanation(), headlines=heads,
             figures=[Figure("kl_by_layer.png", "KL(final || logit lens) per layer, base vs tuned"),

@@ -38,7 +38,7 @@ from tuneshift.plugin import Plugin, PluginError
 from tuneshift.plugins.token_shift import differential as diff
 from tuneshift.plugins.token_shift import stats, views
 from tuneshift.probes import Probe
-from tuneshift.sections import Figure, Headline, Section, Table, View
+from tuneshift.sections import Figure, Headline, Section, Table, View, format_number
 
 if TYPE_CHECKING:
     from tuneshift.runner import Batch, ModelRun, RunContext
@@ -237,23 +237,25 @@ class TokenShiftPlugin(Plugin):
         early, fmt, dif = s["earliness"], s["format"], s.get("differential", {})
         heads = [
             Headline("shifted share (base rank > 3)", value=s["share_shifted"], n=s["n_positions"],
-                     note=f"marginal {s['share_marginal']:.3f}, unshifted {s['share_unshifted']:.3f}; AlignTDS: "
-                          "7.8% Llama-2-7b vs -chat"),
+                     note=f"marginal {format_number(s['share_marginal'])}, unshifted "
+                          f"{format_number(s['share_unshifted'])}; AlignTDS: 7.8% Llama-2-7b vs -chat"),
             Headline("mean KL(tuned || base)", value=s["mean_kl_tb"], unit=" nats", n=s["n_positions"],
-                     note=f"KL(base || tuned) {s['mean_kl_bt']:.3f}"),
-            Headline("relative position, shifted vs other (median)", base=early["median_other"],
-                     tuned=early["median_shifted"], test="Mann-Whitney one-sided (shifted earlier)", p=early["p"],
-                     n=f"{early['n_shifted']} shifted / {early['n_other']} other"),
-            Headline("formatting share, other vs shifted positions", base=fmt["format_share_of_other"],
-                     tuned=fmt["format_share_of_shifted"], test="Fisher exact one-sided", p=fmt["p"], n=fmt["n"]),
+                     note=f"KL(base || tuned) {format_number(s['mean_kl_bt'])}"),
+            Headline("median relative position of shifted tokens", value=early["median_shifted"],
+                     test="Mann-Whitney one-sided (shifted earlier)", p=early["p"],
+                     n=f"{early['n_shifted']} shifted / {early['n_other']} other",
+                     note=f"other positions {format_number(early['median_other'])} (0 = first token, 1 = stop)"),
+            Headline("formatting share of shifted positions", value=fmt["format_share_of_shifted"],
+                     test="Fisher exact one-sided (enriched)", p=fmt["p"], n=fmt["n"],
+                     note=f"other positions {format_number(fmt['format_share_of_other'])}"),
         ]
         if dif:
-            heads.append(Headline("instruction share of |D|, unshifted vs shifted", base=dif["mean_unshifted"],
-                                  tuned=dif["mean_shifted"], test="Welch two-sided", p=dif["p"],
-                                  n=f"{dif['n_shifted']} shifted / {dif['n_unshifted']} unshifted"))
+            heads.append(Headline("instruction share of |I_T - I_B| at shifted positions", value=dif["mean_shifted"],
+                                  test="Welch two-sided", p=dif["p"],
+                                  n=f"{dif['n_shifted']} shifted / {dif['n_unshifted']} unshifted",
+                                  note=f"unshifted positions {format_number(dif['mean_unshifted'])}"))
         return Section(
-            self.title, self.explanation() + " The 'base -> tuned' arrows of the position and formatting findings "
-            "read 'other positions -> shifted positions'.", headlines=heads,
+            self.title, self.explanation(), headlines=heads,
             figures=[Figure("shift_by_position.png", "Class shares and KL(T||B) by relative position in the response"),
                      Figure("top_tokens.png", "The tokens most often shifted")],
             tables=[Table("by_category.parquet", "Per task: class shares, formatting share of shifted positions"),
