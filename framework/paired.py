@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tuneshift.errors import TuneshiftError
+from tuneshift.plugin import Plugin, PluginError
 from tuneshift.results import ResultStore, atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
@@ -128,4 +129,23 @@ def release(ctx: "RunContext", plugin: str, base: str, tuned: str) -> None:
         PairedCache(ctx.store, plugin, writer).clear()
 
 
-__all__ = ["PairedCache", "PairedCacheError", "cache_needed", "pair_role", "release", "writer_reusable"]
+class PairedPlugin(Plugin):
+    """Base of a plugin that compares the two models of a pair on the same tokens through a :class:`PairedCache`.
+
+    It needs a shared response (``generation.response_source`` other than ``own``) and reports its first
+    model's results unusable when the cache a pending second model reads is gone.
+    """
+
+    needs_responses = True
+
+    def setup(self, ctx: "RunContext") -> None:
+        if ctx.pairs and ctx.generation.response_source == "own":
+            raise PluginError(f"{self.name} compares base and tuned on the same tokens: set "
+                              "generation.response_source=tuned (AlignTDS's protocol: the tuned model's response "
+                              "fed to both), base or reference")
+
+    def results_reusable(self, ctx: "RunContext", key: str) -> bool:
+        return writer_reusable(ctx, self.name, key)
+
+
+__all__ = ["PairedCache", "PairedPlugin", "PairedCacheError", "cache_needed", "pair_role", "release", "writer_reusable"]

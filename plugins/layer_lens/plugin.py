@@ -31,8 +31,8 @@ from tuneshift.distributions import commitment_depth, lens_stats, log_softmax64
 from tuneshift.fingerprint import neutral
 from tuneshift.generation import response_positions
 from tuneshift.lens import logit_lens
-from tuneshift.paired import PairedCache, PairedCacheError, pair_role, release, writer_reusable
-from tuneshift.plugin import Plugin, PluginError
+from tuneshift.paired import PairedCache, PairedCacheError, PairedPlugin, pair_role, release
+from tuneshift.plugin import PluginError
 from tuneshift.plugins.layer_lens import adl, compare, views
 from tuneshift.probes import Probe
 from tuneshift.sections import Figure, Headline, Section, Table, format_number
@@ -53,28 +53,22 @@ class LayerLensOptions:
     keep_paired_cache: bool = neutral(False)
 
 
-class LayerLensPlugin(Plugin):
+class LayerLensPlugin(PairedPlugin):
     """Logit lens per layer of both models on the same tokens, commitment depth, residual differences and the
     activation-difference lens."""
 
     name = "layer_lens"
     title = "Layer lens"
     Options = LayerLensOptions
-    needs_responses = True
 
     def setup(self, ctx: "RunContext") -> None:
         o = self.options
-        if ctx.pairs and ctx.generation.response_source == "own":
-            raise PluginError("layer_lens compares base and tuned on the same tokens: set "
-                              "generation.response_source=tuned (or base / reference)")
+        super().setup(ctx)  # a shared response
         if o.adl_positions < 1 or o.adl_top_k < 1:
             raise PluginError("layer_lens.adl_positions and adl_top_k must be at least 1")
         if o.plain_texts and not Path(o.plain_texts).expanduser().is_file():
             raise PluginError(f"layer_lens.plain_texts={o.plain_texts!r} does not exist; give a text file with one "
                               "text per line, or leave it empty to use the prompts")
-
-    def results_reusable(self, ctx: "RunContext", key: str) -> bool:
-        return writer_reusable(ctx, self.name, key)
 
     def _layers(self, n_layers: int) -> list[int]:
         chosen = sorted(set(self.options.layers)) if self.options.layers else list(range(n_layers))

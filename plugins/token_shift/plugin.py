@@ -33,8 +33,8 @@ from tuneshift.attribution import attribute, make_item
 from tuneshift.distributions import pair_stats, token_stats
 from tuneshift.fingerprint import neutral
 from tuneshift.generation import response_positions
-from tuneshift.paired import PairedCache, PairedCacheError, pair_role, release, writer_reusable
-from tuneshift.plugin import Plugin, PluginError
+from tuneshift.paired import PairedCache, PairedCacheError, PairedPlugin, pair_role, release
+from tuneshift.plugin import PluginError
 from tuneshift.plugins.token_shift import differential as diff
 from tuneshift.plugins.token_shift import stats, views
 from tuneshift.probes import Probe
@@ -60,25 +60,19 @@ class TokenShiftOptions:
     max_batch_tokens: int = neutral(16384)    # attribution: vectorised positions per pass
 
 
-class TokenShiftPlugin(Plugin):
+class TokenShiftPlugin(PairedPlugin):
     """Token distribution shift (AlignTDS) and KL of base and tuned on the same tokens, with differential
     attribution of the shifted tokens to instruction and context words."""
 
     name = "token_shift"
     title = "Token distribution shift"
     Options = TokenShiftOptions
-    needs_responses = True
 
     def setup(self, ctx: "RunContext") -> None:
+        super().setup(ctx)
         o = self.options
-        if ctx.pairs and ctx.generation.response_source == "own":
-            raise PluginError("token_shift compares base and tuned on the same tokens: set "
-                              "generation.response_source=tuned (AlignTDS's protocol), base or reference")
         if o.marginal_max_rank < 1 or o.top_k < 1 or o.position_bins < 1:
             raise PluginError("token_shift.marginal_max_rank, top_k and position_bins must be at least 1")
-
-    def results_reusable(self, ctx: "RunContext", key: str) -> bool:
-        return writer_reusable(ctx, self.name, key)
 
     # ---- per model ------------------------------------------------------------------------------------------
     def on_model_start(self, ctx: "RunContext", run: "ModelRun") -> None:
