@@ -110,9 +110,8 @@ class PairedCache:
 
 
 def cache_needed(ctx: "RunContext", plugin: str, key: str) -> bool:
-    """Whether ``key`` writes for a reader whose comparison is not finished yet."""
-    return any(is_writer and not ctx.store.is_done(plugin, ResultStore.compare_key(base, tuned))
-               for base, tuned, _, is_writer in pair_role(ctx, key))
+    """Whether ``key`` writes for a second model whose results for ``plugin`` are not finished."""
+    return any(is_writer and not ctx.store.is_done(plugin, partner) for _, _, partner, is_writer in pair_role(ctx, key))
 
 
 def writer_reusable(ctx: "RunContext", plugin: str, key: str) -> bool:

@@ -169,3 +169,50 @@ def test_a_model_in_two_pairs_with_two_sources_is_refused(tmp_path):
     cfg.model.pairs = [["base", "tuned"], ["base", "other"]]
     with pytest.raises(ConfigError, match="sits in several pairs"):
         run(cfg)
+
+
+def test_resume_recomputes_the_first_model_when_its_cache_is_gone(tmp_path):
+    cfg = _cfg(tmp_path, {"token_shift": {"attribution": False}})
+    run(cfg)
+    job = tmp_path / "job"
+    first = ResultStore(job).load_table("token_shift", "compare/base__tuned", "positions")
+    (job / "token_shift" / "tuned" / "_DONE").unlink()          # the second model must run again
+    (job / "token_shift" / "compare" / "base__tuned" / "_DONE").unlink()
+    assert not (job / "token_shift" / "base" / "paired").exists()  # released after the comparison
+    marker = (job / "token_shift" / "base" / "_DONE").stat().st_mtime_ns
+    run(cfg)
+    assert (job / "token_shift" / "base" / "_DONE").stat().st_mtime_ns != marker  # the first model was redone
+    again = ResultStore(job).load_table("token_shift", "compare/base__tuned", "positions")
+    pd.testing.assert_frame_equal(first, again)
+
+
+def test_tail_probe_and_response_positions():
+    from tuneshift.adapters import ModelAdapter
+    from tuneshift.data import EncodedPrompt, Prompt
+    from tuneshift.generation import make_batches, response_positions
+    from tuneshift.probes import Probe, ProbeError, ProbeRegistry
+    from tuneshift.testing import tiny_model, tiny_tokenizer
+    from nnsight import TransformersModel
+
+    model = tiny_model("llama", 0)
+    lm = TransformersModel(model, tokenizer=tiny_tokenizer())
+    items = []
+    for i, (n_prompt, resp, stop) in enumerate([(4, [7, 8, 9], 1), (6, [10], None), (3, [], 1)]):
+        e = EncodedPrompt(Prompt(str(i), "x", ()), torch.arange(20, 20 + n_prompt), torch.zeros(n_prompt, dtype=bool),
+                          torch.ones(n_prompt, dtype=bool), [])
+        e.response_ids, e.stop_id = torch.tensor(resp, dtype=torch.long), stop
+        items.append(e)
+    batch = next(make_batches(items, 3, 0))
+    assert batch.response_tail == 4
+    registry = ProbeRegistry(ModelAdapter(model), {"x": [Probe("logits", reduce="tail"), Probe("logits")]})
+    got = registry.run(lm, batch.input_ids, batch.attention_mask, batch.position_ids, tail=batch.response_tail)["x"]
+    torch.testing.assert_close(got["logits:tail"], got["logits"][:, -4:])
+    with pytest.raises(ProbeError, match="tail=None"):
+        registry.run(lm, batch.input_ids, batch.attention_mask, batch.position_ids)
+    pos = response_positions(batch, 4)
+    assert pos.rows.tolist() == [0, 0, 0, 0, 1, 2] and pos.m.tolist() == [0, 1, 2, 3, 0, 0]
+    assert pos.targets.tolist() == [7, 8, 9, 1, 10, 1] and pos.is_stop.tolist() == [0, 0, 0, 1, 0, 1]
+    # row 0: prompt ends at column T-4, so its logit there (tail index 0) predicts y_0 = 7
+    assert pos.cols.tolist() == [0, 1, 2, 3, 2, 3]
+    T = batch.input_ids.shape[1]
+    assert batch.input_ids[0, T - 3:].tolist() == [7, 8, 9] and batch.input_ids[1, T - 1] == 10
