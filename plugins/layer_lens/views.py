@@ -16,6 +16,7 @@ def figures(folder: Path, outputs: dict[str, pd.DataFrame], base: str, tuned: st
     fig, ax = plt.subplots(figsize=(5.6, 3.4))
     ax.plot(t["layer"], t["kl_base"], marker="o", label=base)
     ax.plot(t["layer"], t["kl_tuned"], marker="s", label=tuned)
+    ax.set_xticks(t["layer"])
     ax.set_xlabel("layer (resid_post)")
     ax.set_ylabel("mean KL(final || logit lens), nats")
     ax.set_title(f"logit lens on the shared response: {base} vs {tuned}", fontsize=10)
@@ -24,6 +25,7 @@ def figures(folder: Path, outputs: dict[str, pd.DataFrame], base: str, tuned: st
 
     fig, ax = plt.subplots(figsize=(5.6, 3.4))
     ax.plot(t["layer"], t["rel_norm"], marker="o", color="#bc4b51", label="||h_T - h_B|| / ||h_B||")
+    ax.set_xticks(t["layer"])
     ax.set_xlabel("layer (resid_post)")
     ax.set_ylabel("relative norm of the difference")
     twin = ax.twinx()
