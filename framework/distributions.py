@@ -129,13 +129,11 @@ def commitment_depth(lens_top1: Tensor, final_top1: Tensor) -> Tensor:
     gets ``L``.
     """
     agree = lens_top1 == final_top1[:, None]                                            # [N, L]
-    # suffix "all agree": flip, cumulative product, flip back
-    stays = agree.flip(-1).long().cumprod(-1).flip(-1).bool()                           # [N, L]
+    stays = agree.flip(-1).long().cumprod(-1).flip(-1).bool()  # agrees here and at every later layer
     L = agree.shape[1]
-    first = torch.where(stays, torch.arange(L, device=agree.device).expand_as(stays), torch.full_like(stays, L,
-                                                                                                      dtype=torch.long))
-    return first.min(-1).values
+    layers = torch.arange(L, device=agree.device).expand_as(stays)
+    return torch.where(stays, layers, torch.full_like(layers, L)).min(-1).values
 
 
-__all__ = ["DEFAULT_MAX_ELEMENTS", "chunks", "commitment_depth", "kl_divergence", "lens_stats", "log_softmax64", "pair_stats",
-           "token_stats"]
+__all__ = ["DEFAULT_MAX_ELEMENTS", "chunks", "commitment_depth", "kl_divergence", "lens_stats", "log_softmax64",
+           "pair_stats", "token_stats"]

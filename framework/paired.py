@@ -66,7 +66,8 @@ class PairedCache:
         if self._index is None:
             raise PairedCacheError("PairedCache.write before start()")
         name = f"batch-{batch_index:06d}.safetensors"
-        flat = {f"{k}/{row}": t.detach().contiguous().cpu() for k, rows in tensors.items() for row, t in enumerate(rows)}
+        flat = {f"{k}/{row}": t.detach().contiguous().cpu()
+                for k, rows in tensors.items() for row, t in enumerate(rows)}
         tmp = self.dir / f".{name}.tmp"
         save_file(flat, str(tmp))
         tmp.replace(self.dir / name)

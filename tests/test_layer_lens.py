@@ -151,3 +151,42 @@ def test_layer_lens_equals_a_naive_loop(tmp_path, family):
     assert summary["commitment_tuned"] == pytest.approx(np.mean(depth_naive["tuned"]))
     assert (tmp_path / "job" / "layer_lens" / "compare" / "base__tuned" / "kl_by_layer.png").is_file()
     assert not (tmp_path / "job" / "layer_lens" / "base" / "paired").exists()
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma", "gemma2", "phi3", "gpt_neox"])
+def test_both_plugins_on_every_other_family(tmp_path, family):
+    """token_shift (KL, ranks, D) and layer_lens (lens KL) in one shared trace, against naive loops."""
+    cfg = _cfg(tmp_path, family)
+    cfg.plugins["token_shift"] = validate(OmegaConf.create({"plugins": {"token_shift": {"html_prompts": 1}}})
+                                          ).plugins["token_shift"]
+    run(cfg)
+    store = ResultStore(tmp_path / "job")
+    base, tok = load_model(ModelSpec(path=f"tiny-random:{family}:0"))
+    tuned, _ = load_model(ModelSpec(path=f"tiny-random:{family}:1"))
+    prompts = load_prompts("builtin", limit=N_PROMPTS)
+    rows = [json.loads(line) for line in (tmp_path / "job" / "responses" / "tuned.jsonl").read_text().splitlines()]
+    table = store.load_table("token_shift", "compare/base__tuned", "positions")
+    lens_kl = store.load_arrays("layer_lens", "base", "lens")["kl"]
+    D = store.load_arrays("token_shift", "compare/base__tuned", "differential")
+    at = 0
+    for i, (prompt, row) in enumerate(zip(prompts, rows)):
+        enc = encode_prompt(tok, prompt, True)
+        resp = row["response_ids"] + ([row["stop_id"]] if row["stop_id"] is not None else [])
+        ids = torch.cat([enc.input_ids, torch.tensor(row["response_ids"], dtype=torch.long)])
+        resid, logits_b = _residuals(base, ids)
+        _, logits_t = _residuals(tuned, ids)
+        got = table[table["id"] == prompt.id].sort_values("m")
+        for m, y in enumerate(resp):
+            c = enc.n_prompt - 1 + m
+            lb, lt = logits_b[c].double().log_softmax(-1), logits_t[c].double().log_softmax(-1)
+            lens = _naive_lens(base, resid[0, c][None]).double().log_softmax(-1)[0]
+            assert got.iloc[m]["kl_tb"] == pytest.approx(float((lt.exp() * (lt - lb)).sum()), rel=1e-4, abs=1e-8)
+            assert got.iloc[m]["rank_base"] == 1 + int((lb > lb[y]).sum())
+            assert lens_kl[at + m, 0] == pytest.approx(float((lb.exp() * (lb - lens)).sum()), rel=1e-4, abs=1e-8)
+        at += len(resp)
+        if i == 0 and row["response_ids"]:
+            from tuneshift.attribution import make_item, naive_attribution
+
+            item = make_item(enc.input_ids, torch.tensor(row["response_ids"]), enc.content_mask)
+            naive = (naive_attribution(tuned, item, "logprob") - naive_attribution(base, item, "logprob")).numpy()
+            np.testing.assert_allclose(D["D_0"], naive, rtol=1e-3, atol=1e-4 * (np.abs(naive).max() + 1e-12))

@@ -71,7 +71,8 @@ def test_token_shift_equals_a_naive_two_model_loop(tmp_path, family):
     assert (merged["rank_base"] == merged["rank_base_plugin"]).all()
     for col in ("p_base", "p_tuned", "kl_tb", "kl_bt"):
         np.testing.assert_allclose(merged[f"{col}_plugin"], merged[col], rtol=1e-4, atol=1e-7)
-    expected = np.where(merged["rank_base"] == 1, "unshifted", np.where(merged["rank_base"] <= 3, "marginal", "shifted"))
+    rank = merged["rank_base"]
+    expected = np.where(rank == 1, "unshifted", np.where(rank <= 3, "marginal", "shifted"))
     assert (merged["class"] == expected).all()
     # the paired cache is gone after the comparison, the summary is consistent with the table
     assert not (tmp_path / "job" / "token_shift" / "base" / "paired").exists()

@@ -173,7 +173,8 @@ class TokenShiftPlugin(PairedPlugin):
         key = store.compare_key(base, tuned)
         table = store.load_table(self.name, key, "positions")
         summary = stats.summary(table, o.position_bins)
-        outputs = {"prompts": stats.per_prompt(table), "by_position": stats.by_relative_position(table, o.position_bins),
+        outputs = {"prompts": stats.per_prompt(table),
+                   "by_position": stats.by_relative_position(table, o.position_bins),
                    "by_absolute_position": stats.by_absolute_position(table, o.early_positions),
                    "top_tokens": stats.top_shifted_tokens(table, o.top_tokens), "by_category": stats.by_category(table)}
         if o.attribution:
@@ -192,7 +193,8 @@ class TokenShiftPlugin(PairedPlugin):
 
     def _differential(self, ctx: "RunContext", base: str, tuned: str, table: pd.DataFrame, key: str) -> dict:
         store = ctx.store
-        b_arr, t_arr = store.load_arrays(self.name, base, "attribution"), store.load_arrays(self.name, tuned, "attribution")
+        b_arr = store.load_arrays(self.name, base, "attribution")
+        t_arr = store.load_arrays(self.name, tuned, "attribution")
         content = table[~table["is_stop"]]
         classes = {pid: g.sort_values("m")["class"].to_numpy() for pid, g in content.groupby("id", sort=False)}
         rows, arrays, shown = [], {}, []
