@@ -104,21 +104,29 @@ def lens_stats(hidden: Tensor, final_logp: Tensor, to_logits: Callable[[Tensor],
     ``hidden [N, L, d]`` (the layers' residual streams at N positions), ``final_logp [N, V]`` (the final
     log-probabilities in float64, :func:`log_softmax64`), ``to_logits`` (final norm + unembedding),
     ``targets [N]`` -> ``kl [N, L]`` = KL(final || lens_l) f64, ``top1 [N, L]`` long (the lens argmax),
-    ``logp [N, L]`` f64 (the target's log-prob under the lens). All layers of a chunk of positions go
-    through one unembedding and one float64 softmax.
+    ``logp [N, L]`` f64 (the target's log-prob under the lens).
+
+    With lens logits ``z`` and ``log Z = logsumexp(z)``, ``log lens = z - log Z``, so
+    ``KL = sum p_f log p_f - p_f . z + log Z``: one float64 log-sum-exp and one dot product per (position,
+    layer) instead of a whole normalised ``[V]`` vector, exact in float64. All layers of a chunk of positions
+    go through one unembedding.
     """
     N, L, _ = hidden.shape
     V = final_logp.shape[-1]
     out = {"kl": hidden.new_empty(N, L, dtype=torch.float64), "top1": hidden.new_empty(N, L, dtype=torch.long),
            "logp": hidden.new_empty(N, L, dtype=torch.float64)}
     for part in chunks(N, V * max(L, 1), max_elements):
-        lens = log_softmax64(to_logits(hidden[part]))                                 # [n, L, V]
-        final = final_logp[part].to(lens.device)[:, None]                             # [n, 1, V]
-        out["kl"][part] = (final.exp() * (final - lens)).sum(-1)
-        out["top1"][part] = lens.argmax(-1)
-        index = targets[part].to(lens.device)[:, None, None].expand(-1, L, 1)
-        out["logp"][part] = lens.gather(-1, index).squeeze(-1)
-        del lens, final
+        z = to_logits(hidden[part])                                                   # [n, L, V] model dtype
+        out["top1"][part] = z.argmax(-1)
+        z = z.double()
+        log_z = torch.logsumexp(z, -1)                                                # [n, L]
+        final = final_logp[part].to(z.device)                                         # [n, V]
+        p_final = final.exp()
+        neg_entropy = (p_final * final).sum(-1)                                       # [n]
+        out["kl"][part] = neg_entropy[:, None] - torch.einsum("nv,nlv->nl", p_final, z) + log_z
+        index = targets[part].to(z.device)[:, None, None].expand(-1, L, 1)
+        out["logp"][part] = z.gather(-1, index).squeeze(-1) - log_z
+        del z, final, p_final
     return out
 
 
