@@ -97,26 +97,38 @@ def plain_text_means(run, texts: list[list[int]], layers: Sequence[int], n: int,
 
 @torch.no_grad()
 def decode(base: dict[str, np.ndarray], tuned: dict[str, np.ndarray], lens: Callable, tokenizer, top_k: int,
-           decoder: str) -> pd.DataFrame:
-    """Top tokens of ``lens(mean_T - mean_B)`` for every slot both models have, per lensed layer."""
+           decoder: str, chunk: int = 64) -> pd.DataFrame:
+    """Top tokens of ``lens(mean_T - mean_B)`` for every slot both models have, per lensed layer.
+
+    Every (slot, layer) difference goes through the lens in batches of ``chunk`` vectors (one unembedding each).
+    """
     b_index = {s: i for i, s in enumerate(base["labels"].tolist())}
+    slots = [(i, s) for i, s in enumerate(tuned["labels"].tolist()) if s in b_index]
+    if not slots:
+        return pd.DataFrame()
+    diffs = torch.from_numpy(np.stack([tuned["means"][i] - base["means"][b_index[s]] for i, s in slots]))  # [S, L, d]
+    S, L, d = diffs.shape
+    flat = diffs.reshape(S * L, d)
+    probs, ids = [], []
+    for start in range(0, S * L, chunk):
+        p = torch.softmax(lens(flat[start:start + chunk]).double(), -1)                   # [c, V]
+        values, index = p.topk(min(top_k, p.shape[-1]), dim=-1)
+        probs.append(values.cpu())
+        ids.append(index.cpu())
+    probs, ids = torch.cat(probs).view(S, L, -1), torch.cat(ids).view(S, L, -1)
+    norms = diffs.norm(dim=-1)                                                             # [S, L]
+    text = {t: tokenizer.decode([t]) for t in set(ids.flatten().tolist())}
     rows = []
-    layers = None
-    for i, slot in enumerate(tuned["labels"].tolist()):
-        if slot not in b_index:
-            continue
-        diff = torch.from_numpy(tuned["means"][i] - base["means"][b_index[slot]])          # [L', d] float64
+    for k, (i, slot) in enumerate(slots):
         token = int(tuned["tokens"][i])
-        layers = diff.shape[0] if layers is None else layers
-        for layer in range(diff.shape[0]):
-            probs = torch.softmax(lens(diff[layer][None]).double(), -1)[0]
-            values, ids = probs.topk(min(top_k, probs.numel()))
-            norm = float(diff[layer].norm())
-            for rank, (p, t) in enumerate(zip(values.tolist(), ids.tolist())):
-                rows.append({"slot": slot, "kind": slot.split(":")[0],
-                             "slot_token": tokenizer.decode([token]) if token >= 0 else "",
-                             "layer_index": layer, "rank": rank, "token_id": t, "token": tokenizer.decode([t]),
-                             "prob": p, "diff_norm": norm, "decoded_with": decoder})
+        slot_token = tokenizer.decode([token]) if token >= 0 else ""
+        for layer in range(L):
+            for rank in range(ids.shape[-1]):
+                t = int(ids[k, layer, rank])
+                rows.append({"slot": slot, "kind": slot.split(":")[0], "slot_token": slot_token,
+                             "layer_index": layer, "rank": rank, "token_id": t, "token": text[t],
+                             "prob": float(probs[k, layer, rank]), "diff_norm": float(norms[k, layer]),
+                             "decoded_with": decoder})
     return pd.DataFrame(rows)
 
 
