@@ -46,9 +46,10 @@ from tuneshift.results import ResultStore  # noqa: E402
 from tuneshift.runner import ModelRun, RunContext  # noqa: E402
 
 
-def prompts(n: int) -> list[Prompt]:
-    """``n`` organism prompts (repeated with new ids past the 80 held-out ones)."""
-    base = load_prompts("organism")
+def prompts(n: int, distinct: int) -> list[Prompt]:
+    """``n`` prompts cycling over the first ``distinct`` organism prompts (new ids for repeats), so runs with
+    different ``n`` have batches of the same shapes and memory per batch can be compared."""
+    base = load_prompts("organism")[:distinct]
     return [Prompt(f"{p.id}#{i // len(base)}", p.text, p.instruction_spans, p.split, p.category, p.reference)
             for i, p in ((i, base[i % len(base)]) for i in range(n))]
 
@@ -107,9 +108,9 @@ def model_end(ctx: RunContext, run: ModelRun, plugins) -> None:
         p.on_model_end(ctx, run)
 
 
-def measure(spec: ModelSpec, n_prompts: int, batch_size: int, repeats: int) -> dict[str, Timing]:
+def measure(spec: ModelSpec, n_prompts: int, distinct: int, batch_size: int, repeats: int) -> dict[str, Timing]:
     model, tok = load_model(spec)
-    items = prompts(n_prompts)
+    items = prompts(n_prompts, distinct)
     times = {k: Timing() for k in ("plain", "floor", "first", "first_end", "second", "second_end", "batch_a",
                                    "batch_b")}
     for _ in range(repeats):
@@ -149,13 +150,14 @@ def main() -> None:
     spec = ModelSpec(name=Path(args.model).name, path=args.model, chat_template=bool(args.chat_template),
                      device=args.device)
     print(f"# token_shift + layer_lens vs a plain forward\n\n{machine_line(args.device)}; model `{args.model}`, "
-          f"batch {args.batch_size}, {args.threads} thread(s), median of {args.repeats}\n")
+          f"batch {args.batch_size}, {args.threads} thread(s), median of {args.repeats}; the first "
+          f"{min(args.prompts)} organism prompts, repeated\n")
     print("| prompts | tokens | plain forward s | lens floor s (x plain) | first model s (x plain, x floor) | "
           "second model s (x plain, x floor) | on_model_end s (first / second) | peak MiB plain pass | "
           "peak MiB first / second pass | peak MiB of one batch, first / second |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n in args.prompts:
-        t = measure(spec, n, args.batch_size, args.repeats)
+        t = measure(spec, n, min(args.prompts), args.batch_size, args.repeats)
         plain, floor = t["plain"].wall_s, t["floor"].wall_s
         first, second = t["first"].wall_s, t["second"].wall_s
         print(f"| {n} | {t['tokens']} | {plain:.3f} | {floor:.3f} ({floor / plain:.2f}x) | {first:.3f} "

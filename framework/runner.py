@@ -263,6 +263,9 @@ class Runner:
             log.info("model %s: every plugin already done with these settings, skipped", key)
             return
         traced = [p for p in pending if not p.weight_only]
+        source = source_of(key, self.generation.response_source, self.pairs)
+        if any(p.needs_responses for p in traced) and source not in (key, REFERENCE):
+            self._source_rows(ctx, source)  # before this model loads: one model in memory at a time
         model, tokenizer = self._load(spec, traced)
         chat = self._chat_flag(format_model(key, self.generation.response_source, self.pairs))
         run = ModelRun(key, spec.name, spec, model, tokenizer, ModelAdapter(model), chat)
@@ -302,27 +305,35 @@ class Runner:
             run.encoded = encode_shared(run.tokenizer, ctx.prompts, run.chat_template, rows)
             apply_shared(run.encoded, rows, run.tokenizer)
 
-    def _own_fingerprint(self, run: ModelRun) -> str:
+    def _own_fingerprint(self, spec: ModelSpec, chat: bool) -> str:
         gen = dataclasses.replace(self.generation, response_source="own")  # a response does not depend on who reads it
-        return fingerprint(run.spec, gen, self.data_fingerprint, run.chat_template)
+        return fingerprint(spec, gen, self.data_fingerprint, chat)
+
+    def _cached_rows(self, key: str, chat: bool) -> list[dict] | None:
+        """``key``'s own responses from this run or, on resume, from its valid cache file."""
+        rows = self._response_rows.get(key)
+        if rows is None and self.settings.resume:
+            rows = read_cache(cache_path(self.output_dir, key), self._own_fingerprint(self.models[key], chat),
+                              [p.id for p in self.prompts])
+        return rows
 
     def _own_responses(self, ctx: RunContext, run: ModelRun) -> None:
         """Generate each prompt's response, or reuse the cached ones of an identical earlier run."""
-        gen, fp, path = self.generation, self._own_fingerprint(run), cache_path(self.output_dir, run.key)
-        ids = [e.prompt.id for e in run.encoded]
-        rows = self._response_rows.get(run.key)
-        if rows is None and self.settings.resume:
-            rows = read_cache(path, fp, ids)
+        gen, fp = self.generation, self._own_fingerprint(run.spec, run.chat_template)
+        rows = self._cached_rows(run.key, run.chat_template)
         if rows is not None and rows[0].get("fingerprint") == fp:
             apply_own(run.encoded, rows)
         else:
             generate_responses(run, gen.max_new_tokens, gen.batch_size, ctx.progress)
-            rows = write_cache(path, fp, run)
+            rows = write_cache(cache_path(self.output_dir, run.key), fp, run)
         self._response_rows[run.key] = rows
 
     def _source_rows(self, ctx: RunContext, source: str) -> list[dict]:
         """``source``'s own responses: from this run, its cache, or a first pass that loads it just to generate."""
-        if source not in self._response_rows:
+        rows = self._cached_rows(source, self._chat_flag(source))
+        if rows is not None:
+            self._response_rows[source] = rows
+        else:
             spec = self.models[source]
             model, tokenizer = load_model(spec)
             try:

@@ -172,9 +172,16 @@ def test_a_model_in_two_pairs_with_two_sources_is_refused(tmp_path):
         run(cfg)
 
 
-def test_resume_recomputes_the_first_model_when_its_cache_is_gone(tmp_path):
+def test_resume_recomputes_the_first_model_when_its_cache_is_gone(tmp_path, monkeypatch):
+    import tuneshift.runner as runner_module
+
+    loads = []
+    real = runner_module.load_model
+    monkeypatch.setattr(runner_module, "load_model", lambda spec, *a: loads.append(spec.name) or real(spec, *a))
     cfg = _cfg(tmp_path, {"token_shift": {"attribution": False}})
     run(cfg)
+    assert loads == ["t", "b", "t"]  # a first pass generates the tuned responses the base model is scored on
+    loads.clear()
     job = tmp_path / "job"
     first = ResultStore(job).load_table("token_shift", "compare/base__tuned", "positions")
     (job / "token_shift" / "tuned" / "_DONE").unlink()          # the second model must run again
@@ -182,6 +189,7 @@ def test_resume_recomputes_the_first_model_when_its_cache_is_gone(tmp_path):
     assert not (job / "token_shift" / "base" / "paired").exists()  # released after the comparison
     marker = (job / "token_shift" / "base" / "_DONE").stat().st_mtime_ns
     run(cfg)
+    assert loads == ["b", "t"]  # the tuned responses come from their cache: no first pass
     assert (job / "token_shift" / "base" / "_DONE").stat().st_mtime_ns != marker  # the first model was redone
     again = ResultStore(job).load_table("token_shift", "compare/base__tuned", "positions")
     pd.testing.assert_frame_equal(first, again)
