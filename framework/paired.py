@@ -103,6 +103,7 @@ class PairedCache:
                                    "must run on the same prompts")
         name, row = self._index[prompt_id]
         if self._loaded is None or self._loaded[0] != name:
+            self._loaded = None  # free the previous file before reading the next: one batch in memory
             self._loaded = (name, load_file(str(self.dir / name)))
         return {k: self._loaded[1][f"{k}/{row}"] for k in names}
 
