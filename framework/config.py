@@ -43,11 +43,18 @@ class DataConfig:
 
 @dataclass
 class GenerationConfig:
-    """How responses are produced (paper: greedy, 300 new tokens, raw prompt, each model its own response)."""
+    """How responses are produced (paper: greedy, 300 new tokens, raw prompt, each model its own response).
+
+    ``response_source`` says which response every model is scored on (:mod:`tuneshift.responses`): ``own``
+    (each model its own greedy response, the paper's protocol), ``tuned`` (the pair's tuned model's greedy
+    response fed to both, in the tuned model's input format: AlignTDS's protocol, methods.md D), ``base``
+    (the base model's), or ``reference`` (the dataset's ``reference`` column, in the tuned model's format).
+    """
 
     max_new_tokens: int = 64
     chat_template: Optional[bool] = None  # None: each model's own ``chat_template`` setting
     batch_size: int = neutral(8)
+    response_source: str = "own"  # own | tuned | base | reference
 
 
 @dataclass

@@ -173,6 +173,7 @@ class EncodedPrompt:
     ``instruction_mask``   # [n_prompt_tokens] bool, instruction tokens (A.5: overlapping a span, edges trimmed)
     ``content_mask``       # [n_prompt_tokens] bool, tokens overlapping the user's prompt text
     ``response_ids``       # [n_response_tokens] or None until a response is generated or given
+    ``stop_id``            the token that ended a generated response (None: cut at max_new_tokens, or given)
     """
 
     prompt: Prompt
@@ -182,6 +183,7 @@ class EncodedPrompt:
     tokens: list[str]
     response_ids: torch.Tensor | None = None
     response_text: str | None = None
+    stop_id: int | None = None
     extras: dict = field(default_factory=dict)
 
     @property

@@ -28,6 +28,55 @@ class Batch:
     attention_mask: torch.Tensor  # [B, T]
     position_ids: torch.Tensor  # [B, T]
 
+    @property
+    def response_tail(self) -> int | None:
+        """Positions at the end of the batch that hold every row's response predictions: ``max M_b + 1``.
+
+        Row b's logits at its last ``M_b + 1`` positions predict its response tokens and then the token after
+        them (its stop token), because left padding ends every row at the last column. None without responses.
+        """
+        lengths = [e.n_response for e in self.items if e.response_ids is not None]
+        return min(max(lengths) + 1, int(self.input_ids.shape[1])) if lengths else None
+
+
+@dataclass
+class ResponsePositions:
+    """Where each response token of a batch is predicted, within the batch's last ``tail`` positions.
+
+    One entry per scored position (``N`` of them): ``rows [N]`` (row of the batch), ``cols [N]`` (index into the
+    ``tail`` slice of a ``reduce="tail"`` capture), ``m [N]`` (0-based index of the predicted token in its
+    response; ``M_b`` for the stop token), ``targets [N]`` (the predicted token ids), ``is_stop [N]`` bool.
+    """
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    m: torch.Tensor
+    targets: torch.Tensor
+    is_stop: torch.Tensor
+
+    def of_row(self, b: int) -> torch.Tensor:
+        """Entry indices of row ``b`` (in response order)."""
+        return torch.nonzero(self.rows == b).flatten()
+
+
+def response_positions(batch: "Batch", tail: int, include_stop: bool = True) -> ResponsePositions:
+    """Row b's logit at tail index ``tail - 1 - M_b + m`` predicts its response token m; at ``tail - 1`` the stop."""
+    rows, cols, ms, targets, stops = [], [], [], [], []
+    for b, item in enumerate(batch.items):
+        M = item.n_response
+        ids = item.response_ids.tolist() if M else []
+        if include_stop and item.stop_id is not None:
+            ids = ids + [item.stop_id]
+        n = len(ids)
+        rows += [b] * n
+        cols += [tail - 1 - M + m for m in range(n)]
+        ms += list(range(n))
+        targets += ids
+        stops += [m == M for m in range(n)]
+    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return ResponsePositions(as_long(rows), as_long(cols), as_long(ms), as_long(targets),
+                             torch.tensor(stops, dtype=torch.bool))
+
 
 def make_batches(items: list[EncodedPrompt], batch_size: int, pad_id: int) -> Iterator[Batch]:
     """Consecutive batches of prompt (+ response) ids, left-padded with position ids over real tokens."""
@@ -62,7 +111,8 @@ def generate_responses(run: "ModelRun", max_new_tokens: int, batch_size: int, pr
         for item, row in zip(batch.items, new):
             stop_at = [i for i, t in enumerate(row.tolist()) if t in stops]
             item.response_ids = row[: stop_at[0] if stop_at else len(row)].clone()
+            item.stop_id = int(row[stop_at[0]]) if stop_at else None
             item.response_text = run.tokenizer.decode(item.response_ids, skip_special_tokens=True)
 
 
-__all__ = ["Batch", "generate_responses", "make_batches", "stop_ids"]
+__all__ = ["Batch", "ResponsePositions", "generate_responses", "make_batches", "response_positions", "stop_ids"]

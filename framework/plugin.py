@@ -144,6 +144,14 @@ class Plugin:
         return doc.split("\n\n")[0].replace("\n", " ") if cls.__doc__ else ""
 
     # ---- resume -------------------------------------------------------------------------------------------
+    def results_reusable(self, ctx: "RunContext", key: str) -> bool:
+        """Whether finished results of ``key`` (same settings) may be skipped on resume (default: yes).
+
+        A plugin whose later model reads something this model left behind (a paired cache) returns False
+        when that is gone, so the runner recomputes it.
+        """
+        return True
+
     def state_dict(self) -> dict:
         """State that must survive a resume (results on disk usually make this unnecessary)."""
         return {}

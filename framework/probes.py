@@ -30,6 +30,9 @@ Reductions (``reduce=``), applied inside the trace so only the small result is k
     norm   L2 norm over the last dim           [B, T] (or [B, H, T] for patterns)
     mean   mean over real (non-pad) positions  [B, d]
     last   the last position                   [B, d]   (left padding puts every prompt's end there)
+    tail   the last K positions                [B, K, ...] K = the batch's ``response_tail`` (the runner
+           passes ``max M_b + 1``: every row's response predictions and the token after them), so a plugin
+           reading logits or residuals at response positions never holds the prompt positions
 
 Gradient probes (``grad=True``) capture d(objective)/d(site), where the objective is the sum of the
 teacher-forced log-probabilities of each row's real next tokens. Gotchas handled here: gradients are read
@@ -49,7 +52,7 @@ import torch
 from tuneshift.adapters import ModelAdapter
 from tuneshift.errors import TuneshiftError
 
-Reduce = Literal["none", "norm", "mean", "last"]
+Reduce = Literal["none", "norm", "mean", "last", "tail"]
 _LAYER_SITES = {  # per-layer site -> (forward rank, shape)
     "resid_pre": (0, "[B, T, d]"), "ln1.output": (1, "[B, T, d]"), "attn.z": (2, "[B, T, H, d_h]"),
     "attn.output": (3, "[B, T, d]"), "attn.pattern": (3, "[B, H, T, T]"), "mlp.output": (4, "[B, T, d]"),
@@ -173,13 +176,15 @@ def _site_value(lm, adapter: ModelAdapter, site: str):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _reduce(value, how: Reduce, mask: torch.Tensor):
+def _reduce(value, how: Reduce, mask: torch.Tensor, tail: int | None = None, pattern: bool = False):
     if how == "none":
         return value
     if how == "norm":
         return value.norm(dim=-1)
     if how == "last":
         return value[:, -1]
+    if how == "tail":
+        return value[:, :, -tail:] if pattern else value[:, -tail:]
     weights = mask.to(value.dtype).view(*mask.shape, *[1] * (value.dim() - 2))  # mean over real positions
     return (value * weights).sum(1) / weights.sum(1)
 
@@ -214,10 +219,16 @@ class ProbeRegistry:
         return any(p.site.endswith("attn.pattern") for p in self.forward + self.backward)
 
     def run(self, lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            position_ids: torch.Tensor) -> dict[str, Captures]:
-        """One trace over a (left-padded) batch; returns ``{owner: Captures}`` with detached tensors."""
+            position_ids: torch.Tensor, tail: int | None = None) -> dict[str, Captures]:
+        """One trace over a (left-padded) batch; returns ``{owner: Captures}`` with detached tensors.
+
+        ``tail`` is the number of last positions a ``reduce="tail"`` probe keeps (query positions of patterns).
+        """
         if self.empty:
             return {}
+        if tail is None and any(p.reduce == "tail" for p in self.forward + self.backward):
+            raise ProbeError("a probe asks for reduce='tail' but the batch has no responses (tail=None); tail "
+                             "probes need a plugin with needs_responses = True")
         device = self.adapter.model.device
         inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
         mask = inputs["attention_mask"]
@@ -237,7 +248,7 @@ class ProbeRegistry:
                 if site == "embed.output" and grad_sites:
                     value.requires_grad_(True)  # frozen weights: give autograd a leaf to flow to
                 for probe in by_site.get(site, []):
-                    raw[probe.key] = _reduce(value, probe.reduce, mask).save()
+                    raw[probe.key] = _reduce(value, probe.reduce, mask, tail, site.endswith("pattern")).save()
                 if site in grad_sites or site == "logits":
                     values[site] = value
             if grad_sites:
@@ -246,7 +257,8 @@ class ProbeRegistry:
                 objective = (logprobs * mask[:, 1:]).sum()
                 with objective.backward():
                     for probe in self.backward:  # reverse forward order
-                        raw[probe.key] = _reduce(values[probe.site].grad, probe.reduce, mask).save()
+                        raw[probe.key] = _reduce(values[probe.site].grad, probe.reduce, mask, tail,
+                                                 probe.site.endswith("pattern")).save()
         return {owner: Captures({p.key: _detach(raw[p.key], p.device) for p in probes})
                 for owner, probes in self.requests.items()}
 

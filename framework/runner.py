@@ -10,9 +10,15 @@ runner refuses a folder that holds results of other settings before writing anyt
 result is marked done with a fingerprint of everything it depends on (the plugin's options, the model spec,
 the prompts as loaded, generation), and generated responses are cached in ``responses/<model>.jsonl`` with
 theirs, so a re-run skips exactly what is still valid.
+
+Shared responses (``generation.response_source``, :mod:`tuneshift.responses`): a model scored on another
+model's response renders its prompts in that model's input format and takes its cached response; when the
+source model has not run yet, it is loaded first just to generate them (a first pass), so the models still
+run in config order, one in memory at a time.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -36,6 +42,9 @@ from tuneshift.loading import ModelSpec, load_model
 from tuneshift.loggers import Logger, LocalLogger
 from tuneshift.plugin import HookTimer, Plugin
 from tuneshift.probes import Captures, ProbeRegistry
+from tuneshift.responses import (REFERENCE, apply_own, apply_reference, apply_shared, cache_path,
+                                 check_response_source, encode_shared, format_model, paired_with, read_cache,
+                                 source_of, write_cache)
 from tuneshift.results import ResultStore, atomic_write_bytes, atomic_write_json
 from tuneshift.sections import Headline, Section
 
@@ -128,6 +137,7 @@ class Runner:
         self.provenance = provenance
         self.timer = HookTimer()
         self.findings: list[Finding] = []
+        self._response_rows: dict[str, list[dict]] = {}  # responses generated or read in this run, by model
         self._check_inputs()
         self.data_fingerprint = prompts_fingerprint(self.prompts)
         self.settings_hash = fingerprint({"models": self.models, "pairs": self.pairs, "data": self.data_fingerprint,
@@ -150,6 +160,7 @@ class Runner:
                               f"{self.generation.batch_size} must be at least 1")
         if self.generation.max_new_tokens < 1:
             raise ConfigError(f"generation.max_new_tokens={self.generation.max_new_tokens} must be at least 1")
+        check_response_source(self.generation.response_source, self.prompts, list(self.models), self.pairs)
 
     # ---- hooks dispatch -------------------------------------------------------------------------------------
     def _call(self, plugins: list[Plugin], hook: str, *args: Any) -> None:
@@ -157,12 +168,15 @@ class Runner:
             with self.timer.span(plugin, hook):
                 getattr(plugin, hook)(*args)
 
-    def _plugin_fingerprint(self, plugin: Plugin, spec: ModelSpec | None) -> str:
-        return fingerprint(plugin.options, spec, self.data_fingerprint,
-                           None if plugin.weight_only else self.generation)
+    def _plugin_fingerprint(self, plugin: Plugin, spec: ModelSpec | None, key: str | None = None) -> str:
+        parts = [plugin.options, spec, self.data_fingerprint, None if plugin.weight_only else self.generation]
+        if key is not None and not plugin.weight_only and self.generation.response_source != "own":
+            parts.append({k: self.models[k] for k in paired_with(key, self.pairs)})  # shared tokens: partners too
+        return fingerprint(*parts)
 
-    def _is_done(self, plugin: Plugin, key: str, fp: str) -> bool:
-        return self.settings.resume and self.store.is_done(plugin.name, key, fp)
+    def _is_done(self, plugin: Plugin, key: str, fp: str, ctx: RunContext | None = None) -> bool:
+        return self.settings.resume and self.store.is_done(plugin.name, key, fp) and \
+            (ctx is None or plugin.results_reusable(ctx, key))
 
     def _finish(self, ctx: RunContext, plugin: Plugin, key: str, fp: str) -> Section | None:
         """Store ``plugin``'s section of ``key``, then mark ``key`` done (the marker is written last)."""
@@ -243,22 +257,25 @@ class Runner:
         return load_model(spec, "eager" if eager else None)
 
     def _run_model(self, ctx: RunContext, key: str, spec: ModelSpec) -> None:
-        fingerprints = {p.name: self._plugin_fingerprint(p, spec) for p in self.plugins}
-        pending = [p for p in self.plugins if not self._is_done(p, key, fingerprints[p.name])]
+        fingerprints = {p.name: self._plugin_fingerprint(p, spec, key) for p in self.plugins}
+        pending = [p for p in self.plugins if not self._is_done(p, key, fingerprints[p.name], ctx)]
         if not pending:
             log.info("model %s: every plugin already done with these settings, skipped", key)
             return
         traced = [p for p in pending if not p.weight_only]
+        source = source_of(key, self.generation.response_source, self.pairs)
+        if any(p.needs_responses for p in traced) and source not in (key, REFERENCE):
+            self._source_rows(ctx, source)  # before this model loads: one model in memory at a time
         model, tokenizer = self._load(spec, traced)
-        chat = self.generation.chat_template
-        chat = spec.chat_template if chat is None else chat
-        run = ModelRun(key, spec.name, spec, model, tokenizer, ModelAdapter(model), bool(chat))
+        chat = self._chat_flag(format_model(key, self.generation.response_source, self.pairs))
+        run = ModelRun(key, spec.name, spec, model, tokenizer, ModelAdapter(model), chat)
         try:
             self._call(pending, "on_model_start", ctx, run)
             if traced:
-                run.encoded = [encode_prompt(tokenizer, p, run.chat_template) for p in ctx.prompts]
                 if any(p.needs_responses for p in traced):
                     self._responses(ctx, run)
+                else:
+                    run.encoded = [encode_prompt(tokenizer, p, run.chat_template) for p in ctx.prompts]
                 self._batches(ctx, run, traced)
             self._call(pending, "on_model_end", ctx, run)
             for plugin in pending:
@@ -270,24 +287,62 @@ class Runner:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
+    def _chat_flag(self, key: str) -> bool:
+        chat = self.generation.chat_template
+        return bool(self.models[key].chat_template if chat is None else chat)
+
     def _responses(self, ctx: RunContext, run: ModelRun) -> None:
+        """Encode the prompts and give each its response: the model's own, another model's, or the reference."""
+        source = source_of(run.key, self.generation.response_source, self.pairs)
+        if source == run.key:
+            run.encoded = [encode_prompt(run.tokenizer, p, run.chat_template) for p in ctx.prompts]
+            self._own_responses(ctx, run)
+        elif source == REFERENCE:
+            run.encoded = encode_shared(run.tokenizer, ctx.prompts, run.chat_template, None)
+            apply_reference(run.encoded, run.tokenizer)
+        else:
+            rows = self._source_rows(ctx, source)
+            run.encoded = encode_shared(run.tokenizer, ctx.prompts, run.chat_template, rows)
+            apply_shared(run.encoded, rows, run.tokenizer)
+
+    def _own_fingerprint(self, spec: ModelSpec, chat: bool) -> str:
+        gen = dataclasses.replace(self.generation, response_source="own")  # a response does not depend on who reads it
+        return fingerprint(spec, gen, self.data_fingerprint, chat)
+
+    def _cached_rows(self, key: str, chat: bool) -> list[dict] | None:
+        """``key``'s own responses from this run or, on resume, from its valid cache file."""
+        rows = self._response_rows.get(key)
+        if rows is None and self.settings.resume:
+            rows = read_cache(cache_path(self.output_dir, key), self._own_fingerprint(self.models[key], chat),
+                              [p.id for p in self.prompts])
+        return rows
+
+    def _own_responses(self, ctx: RunContext, run: ModelRun) -> None:
         """Generate each prompt's response, or reuse the cached ones of an identical earlier run."""
-        gen = self.generation
-        fp = fingerprint(run.spec, gen, self.data_fingerprint, run.chat_template)
-        path = self.output_dir / "responses" / f"{run.key}.jsonl"
-        if self.settings.resume and path.is_file():
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            if rows and all(r.get("fingerprint") == fp for r in rows) and \
-                    [r["id"] for r in rows] == [e.prompt.id for e in run.encoded]:
-                for item, row in zip(run.encoded, rows):
-                    item.response_ids = torch.tensor(row["response_ids"], dtype=torch.long)
-                    item.response_text = row["response"]
-                return
-        generate_responses(run, gen.max_new_tokens, gen.batch_size, ctx.progress)
-        lines = [json.dumps({"fingerprint": fp, "id": e.prompt.id, "prompt": e.prompt.text,
-                             "response": e.response_text, "response_ids": e.response_ids.tolist()})
-                 for e in run.encoded]
-        atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+        gen, fp = self.generation, self._own_fingerprint(run.spec, run.chat_template)
+        rows = self._cached_rows(run.key, run.chat_template)
+        if rows is not None and rows[0].get("fingerprint") == fp:
+            apply_own(run.encoded, rows)
+        else:
+            generate_responses(run, gen.max_new_tokens, gen.batch_size, ctx.progress)
+            rows = write_cache(cache_path(self.output_dir, run.key), fp, run)
+        self._response_rows[run.key] = rows
+
+    def _source_rows(self, ctx: RunContext, source: str) -> list[dict]:
+        """``source``'s own responses: from this run, its cache, or a first pass that loads it just to generate."""
+        rows = self._cached_rows(source, self._chat_flag(source))
+        if rows is not None:
+            self._response_rows[source] = rows
+        else:
+            spec = self.models[source]
+            model, tokenizer = load_model(spec)
+            try:
+                run = ModelRun(source, spec.name, spec, model, tokenizer, ModelAdapter(model), self._chat_flag(source))
+                self._responses(ctx, run)
+            finally:
+                del model
+                gc.collect()
+        return self._response_rows[source]
 
     def _batches(self, ctx: RunContext, run: ModelRun, plugins: list[Plugin]) -> None:
         registry = ProbeRegistry(run.adapter, {p.name: p.probes(run) for p in plugins})
@@ -296,8 +351,8 @@ class Runner:
         batches = make_batches(run.encoded, self.settings.batch_size, run.tokenizer.pad_token_id)
         total = -(-len(run.encoded) // self.settings.batch_size)
         for batch in tqdm(batches, total=total, desc=f"{run.name}", disable=not ctx.progress, leave=False):
-            captures = registry.run(run.nnsight, batch.input_ids, batch.attention_mask, batch.position_ids) \
-                if not registry.empty else {}
+            captures = registry.run(run.nnsight, batch.input_ids, batch.attention_mask, batch.position_ids,
+                                    tail=batch.response_tail) if not registry.empty else {}
             for plugin in plugins:
                 with self.timer.span(plugin, "on_batch"):
                     plugin.on_batch(ctx, run, batch, captures.get(plugin.name, Captures()))

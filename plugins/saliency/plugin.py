@@ -1,6 +1,8 @@
 """The ``saliency`` plugin (methods.md A): the glue between the runner and the pure modules of this package.
 
-Per model (``on_model_end``), over every prompt with the model's own greedy response:
+Per model (``on_model_end``), over every prompt with the model's own greedy response (or, with
+``generation.response_source`` tuned/base/reference, the shared response on identical tokens, so Table 2
+compares base and tuned on the same tokens):
 
 1. exact gradient x input matrices ``I [n_content_tokens, n_response]`` (:mod:`.attribution`); rows are the
    prompt's content tokens: BOS and chat-template tokens are not attributed (the paper excludes BOS);
@@ -82,6 +84,10 @@ class SaliencyPlugin(Plugin):
             raise PluginError(f"saliency.p={o.p}: the density exponent must be > 1 (paper: 4)")
         if o.max_new_tokens is not None and o.max_new_tokens < 1:
             raise PluginError("saliency.max_new_tokens must be positive or null")
+        if ctx.generation.response_source != "own" and o.chat_template is not None:
+            raise PluginError(f"saliency.chat_template={o.chat_template} conflicts with generation.response_source="
+                              f"{ctx.generation.response_source}: a shared response fixes the input format; leave "
+                              "saliency.chat_template null")
         if o.ratings:
             from tuneshift.plugins.saliency.paper import load_ratings
 
@@ -96,8 +102,9 @@ class SaliencyPlugin(Plugin):
         run_max = int(ctx.generation.max_new_tokens)
         chat = run.chat_template if o.chat_template is None else bool(o.chat_template)
         wanted = run_max if o.max_new_tokens is None else int(o.max_new_tokens)
-        if chat == run.chat_template and wanted <= run_max and run.encoded and \
-                all(e.response_ids is not None for e in run.encoded):
+        shared = ctx.generation.response_source != "own"  # the run's shared response, identical tokens
+        if shared or (chat == run.chat_template and wanted <= run_max and run.encoded and
+                      all(e.response_ids is not None for e in run.encoded)):
             encoded = run.encoded  # greedy: a shorter generation is a prefix of the run's own
         else:
             from tuneshift.generation import generate_responses
