@@ -41,6 +41,7 @@ from typing import Sequence
 import torch
 
 from tuneshift.data import EncodedPrompt, Prompt, encode_prompt, load_prompts
+from tuneshift.errors import TuneshiftError
 from tuneshift.loading import ModelSpec, load_model
 
 PLUGIN_DIR = "precision_check"  # results dir name inside a run dir (shown by the report)
@@ -269,6 +270,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--tolerance", type=float, default=0.05)
     args = parser.parse_args(argv)
+    try:
+        result = _check(parser, args)
+    except (TuneshiftError, FileNotFoundError, KeyError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err  # KeyError quotes its message
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.summary(), indent=1))
+    return 0 if result.passed else 1
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> PrecisionCheck:
     if args.run_dir is not None:
         result = check_run(args.run_dir, args.model, args.prompts, dtype=args.dtype,
                            reference_dtype=args.reference_dtype, tolerance=args.tolerance,
@@ -281,8 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           max_new_tokens=args.max_new_tokens or 32, tolerance=args.tolerance)
     else:
         parser.error("give a run dir or --path")
-    print(json.dumps(result.summary(), indent=1))
-    return 0 if result.passed else 1
+    return result
 
 
 if __name__ == "__main__":
