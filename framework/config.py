@@ -48,6 +48,7 @@ class GenerationConfig:
     max_new_tokens: int = 64
     chat_template: Optional[bool] = None  # None: each model's own ``chat_template`` setting
     batch_size: int = neutral(8)
+    truncate_prompts: bool = False  # cut prompts longer than the context (minus max_new_tokens); else an error
 
 
 @dataclass

@@ -13,7 +13,6 @@ theirs, so a re-run skips exactly what is still valid.
 """
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -28,12 +27,14 @@ from tqdm.auto import tqdm
 
 from tuneshift.adapters import ModelAdapter
 from tuneshift.config import GenerationConfig, RunConfig
+from tuneshift.context import context_limit, fit_context
 from tuneshift.data import EncodedPrompt, Prompt, encode_prompt
 from tuneshift.errors import ConfigError, RunFolderError
 from tuneshift.fingerprint import fingerprint, prompts_fingerprint, settings_dict
 from tuneshift.generation import Batch, generate_responses, make_batches
-from tuneshift.loading import ModelSpec, load_model
+from tuneshift.loading import ModelSpec, load_model, preflight
 from tuneshift.loggers import Logger, LocalLogger
+from tuneshift.memory import release_memory
 from tuneshift.plugin import HookTimer, Plugin
 from tuneshift.probes import Captures, ProbeRegistry
 from tuneshift.results import ResultStore, atomic_write_bytes, atomic_write_json
@@ -150,6 +151,11 @@ class Runner:
                               f"{self.generation.batch_size} must be at least 1")
         if self.generation.max_new_tokens < 1:
             raise ConfigError(f"generation.max_new_tokens={self.generation.max_new_tokens} must be at least 1")
+        for key, spec in self.models.items():
+            preflight(spec, key)  # a wrong path or device fails now, not after the first model's work
+        if self.settings.threads < 0:
+            raise ConfigError(f"run.threads={self.settings.threads}: give a number of CPU threads, or 0 for the "
+                              "default (half the cores)")
 
     # ---- hooks dispatch -------------------------------------------------------------------------------------
     def _call(self, plugins: list[Plugin], hook: str, *args: Any) -> None:
@@ -198,8 +204,26 @@ class Runner:
 
                 atomic_write_bytes(self.output_dir / "config.yaml", yaml.safe_dump(self.provenance).encode())
         except OSError as err:
-            raise RunFolderError(f"cannot write the run folder {str(self.output_dir)!r} ({err.strerror}); choose a "
-                                 "writable run.root") from err
+            state = ("it holds the finished results of these settings, untouched: read them there (or run "
+                     "tuneshift-report on a writable copy)" if self._all_done() else
+                     "nothing was changed; choose a writable run.root (or hydra.run.dir)")
+            raise RunFolderError(f"run folder {str(self.output_dir)!r} is not writable ({err.strerror}); "
+                                 f"{state}") from None
+
+    def _all_done(self) -> bool:
+        """Whether every (plugin, model) and (plugin, pair) result of these settings is marked done."""
+        for plugin in self.plugins:
+            for key, spec in self.models.items():
+                if not self.store.is_done(plugin.name, key, self._plugin_fingerprint(plugin, spec)):
+                    return False
+            for base, tuned in self.pairs:
+                if not self.store.is_done(plugin.name, ResultStore.compare_key(base, tuned),
+                                          self._compare_fingerprint(plugin, base, tuned)):
+                    return False
+        return True
+
+    def _compare_fingerprint(self, plugin: Plugin, base: str, tuned: str) -> str:
+        return fingerprint(self._plugin_fingerprint(plugin, None), base, tuned, self.models)
 
     # ---- the run --------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -256,19 +280,24 @@ class Runner:
         try:
             self._call(pending, "on_model_start", ctx, run)
             if traced:
-                run.encoded = [encode_prompt(tokenizer, p, run.chat_template) for p in ctx.prompts]
+                run.encoded = self._encode(run, ctx.prompts)
                 if any(p.needs_responses for p in traced):
                     self._responses(ctx, run)
                 self._batches(ctx, run, traced)
             self._call(pending, "on_model_end", ctx, run)
-            for plugin in pending:
-                self._finish(ctx, plugin, key, fingerprints[plugin.name])
             self.store.update_summary("models", {key: {"name": spec.name, **run.adapter.describe()}})
+            for plugin in pending:  # done markers last: a kill before them redoes this model, never skips it
+                self._finish(ctx, plugin, key, fingerprints[plugin.name])
         finally:
             del run, model
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release_memory()  # the model's memory back to the OS before the next one loads
+
+    def _encode(self, run: ModelRun, prompts: Sequence[Prompt]) -> list[EncodedPrompt]:
+        """Each prompt as ``run``'s model sees it, checked against its context (or cut to fit, when asked)."""
+        encoded = [encode_prompt(run.tokenizer, p, run.chat_template) for p in prompts]
+        limit, source = context_limit(run.model, run.tokenizer)
+        return fit_context(encoded, run.tokenizer, limit, source, self.generation.max_new_tokens, run.chat_template,
+                           self.generation.truncate_prompts, run.name)
 
     def _responses(self, ctx: RunContext, run: ModelRun) -> None:
         """Generate each prompt's response, or reuse the cached ones of an identical earlier run."""
@@ -306,16 +335,16 @@ class Runner:
     def _compare(self, ctx: RunContext, base: str, tuned: str) -> None:
         key = ResultStore.compare_key(base, tuned)
         for plugin in self.plugins:
-            fp = fingerprint(self._plugin_fingerprint(plugin, None), base, tuned, self.models)
+            fp = self._compare_fingerprint(plugin, base, tuned)
             if self._is_done(plugin, key, fp):
                 section = self.store.load_section(plugin.name, key)
             else:
                 with self.timer.span(plugin, "on_compare"):
                     plugin.on_compare(ctx, base, tuned)
                 section = self._finish(ctx, plugin, key, fp)
-                summary = self.store.dir(plugin.name, key) / "summary.json"
-                if summary.is_file():  # the comparison's numbers, also in the run's summary.json
-                    self.store.update_summary(plugin.name, {f"{base}__{tuned}": json.loads(summary.read_text())})
+            summary = self.store.dir(plugin.name, key) / "summary.json"
+            if summary.is_file():  # the comparison's numbers, also in the run's summary.json (also on resume)
+                self.store.update_summary(plugin.name, {f"{base}__{tuned}": json.loads(summary.read_text())})
             for headline in (section.headlines if section else []):
                 self.findings.append(Finding(plugin.name, base, tuned, headline))
 
