@@ -188,3 +188,22 @@ def test_wandb_online_without_a_network_falls_back_to_offline_quickly(tmp_path):
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert (tmp_path / "run" / "residual_norm" / "compare" / "base__tuned" / "_DONE").is_file()
     assert seconds < 180, f"W&B blocked the run for {seconds:.0f} s"  # before: 95 s to 10 minutes of retries
+
+
+# ---- threads -------------------------------------------------------------------------------------------------
+def test_run_threads_sets_torch_threads_and_defaults_to_half_the_cores(tmp_path):
+    import torch
+
+    from tuneshift.runner import default_threads
+
+    before = torch.get_num_threads()
+    try:
+        cfg = _cfg(tmp_path)
+        cfg.run.threads = 1
+        run_config(cfg, tmp_path / "one")
+        assert torch.get_num_threads() == 1
+        cfg.run.threads = 0
+        run_config(cfg, tmp_path / "one")  # the same folder: threads change speed only, not results
+        assert torch.get_num_threads() == default_threads() == max(1, (os.cpu_count() or 2) // 2)
+    finally:
+        torch.set_num_threads(before)
