@@ -243,10 +243,21 @@ class Runner:
             for base, tuned in self.pairs:
                 self._compare(ctx, base, tuned)
             self._call(self.plugins, "on_run_end", ctx)
-        finally:
-            self._call(self.plugins, "teardown", ctx)
-            self._wrap_up(started)
+        except BaseException:
+            self._wrap_up_after_error(ctx, started)  # the run's own error is the one the user sees
+            raise
+        self._call(self.plugins, "teardown", ctx)
+        self._wrap_up(started)
         return self.store.summary()
+
+    def _wrap_up_after_error(self, ctx: RunContext, started: float) -> None:
+        """Teardown, summary and report of a failed run; their own failures are logged, never raised."""
+        for step in (lambda: self._call(self.plugins, "teardown", ctx), lambda: self._wrap_up(started)):
+            try:
+                step()
+            except Exception as err:  # noqa: BLE001 -- it must not replace the error that stopped the run
+                log.warning("after the run failed, wrapping up failed too (%s: %s)", type(err).__name__,
+                            str(err).splitlines()[0][:200] if str(err) else "")
 
     def _wrap_up(self, started: float) -> None:
         self.store.update_summary("timing", {"seconds_total": time.perf_counter() - started,

@@ -207,3 +207,30 @@ def test_run_threads_sets_torch_threads_and_defaults_to_half_the_cores(tmp_path)
         assert torch.get_num_threads() == default_threads() == max(1, (os.cpu_count() or 2) // 2)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_failing_report_never_hides_the_error_that_stopped_the_run(tmp_path, monkeypatch, caplog):
+    import tuneshift.report as report
+    from tuneshift.plugin import PLUGINS, Plugin
+
+    class Exploding(Plugin):
+        name = "test_exploding"
+
+        def on_model_end(self, ctx, model):
+            raise KeyError("score")  # the run's real problem
+
+    def broken_report(*args, **kwargs):
+        raise json.JSONDecodeError("Expecting value", "", 0)
+
+    PLUGINS.register(Exploding)
+    monkeypatch.setattr(report, "write_report", broken_report)
+    cfg = _cfg(tmp_path)
+    cfg.run.report = True
+    cfg.plugins = {"test_exploding": {}}
+    try:
+        with pytest.raises(KeyError, match="score"), caplog.at_level(logging.WARNING, logger="tuneshift"):
+            run_config(cfg, tmp_path / "run")
+    finally:
+        PLUGINS.unregister("test_exploding")
+    assert "wrapping up failed too (JSONDecodeError" in caplog.text
+    assert (tmp_path / "run" / "summary.json").is_file()  # the summary of what finished is still written
