@@ -23,7 +23,8 @@ class RunLogHandler(logging.FileHandler):
             super().__init__(filename, mode, encoding, delay=False, errors=errors)
         except OSError as err:
             logging.Handler.__init__(self)
-            self.baseFilename, self.mode, self.encoding, self.errors, self.stream = filename, mode, encoding, errors, None
+            self.baseFilename, self.mode, self.encoding, self.errors = filename, mode, encoding, errors
+            self.stream = None
             self.disabled_reason = err.strerror or str(err)
             print(f"tuneshift: warning: cannot write the log file {filename} ({self.disabled_reason}); "
                   "logging to the console only", file=sys.stderr)

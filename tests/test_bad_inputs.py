@@ -115,7 +115,8 @@ def _reference(root: Path, pickles: dict[str, bytes] | None = None, ratings: str
 
 
 # {"ID": ..., "Explain": bytearray(2_000_000_000)} in 129 bytes: only allowed globals, 2 GB if built
-BYTEARRAY_BOMB = (b"\x80\x02}q\x00(X\x02\x00\x00\x00IDq\x01X\x06\x00\x00\x00lima_1q\x02X\x05\x00\x00\x00Inputq\x03]q\x04"
+BYTEARRAY_BOMB = (b"\x80\x02}q\x00(X\x02\x00\x00\x00IDq\x01X\x06\x00\x00\x00lima_1q\x02X\x05\x00\x00\x00Inputq\x03"
+                  b"]q\x04"
                   b"X\x01\x00\x00\x00xq\x05aX\x06\x00\x00\x00Outputq\x06]q\x07X\x01\x00\x00\x00yq\x08aX\x07\x00\x00\x00"
                   b"Explainq\tc__builtin__\nbytearray\nq\nJ\x00\x945w\x85q\x0bRq\x0cu.")
 

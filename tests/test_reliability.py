@@ -172,6 +172,7 @@ def test_the_precision_check_never_looks_up_the_network(tmp_path):
     assert "not in the local Hugging Face cache" in done.stderr and "HF_HUB_OFFLINE=1" in done.stderr
 
 
+@pytest.mark.slow  # about 25 s: a W&B start that times out
 def test_wandb_online_without_a_network_falls_back_to_offline_quickly(tmp_path):
     env = {**os.environ, "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": "0" * 40, "WANDB_MODE": "online",
            "HF_HUB_OFFLINE": "1", "TUNESHIFT_CACHE": str(tmp_path / "cache")}
@@ -234,3 +235,40 @@ def test_a_failing_report_never_hides_the_error_that_stopped_the_run(tmp_path, m
         PLUGINS.unregister("test_exploding")
     assert "wrapping up failed too (JSONDecodeError" in caplog.text
     assert (tmp_path / "run" / "summary.json").is_file()  # the summary of what finished is still written
+
+
+# ---- stale results: the prompts as loaded, validation before the folder ---------------------------------------
+def test_an_edited_data_file_never_reuses_old_results_or_responses(tmp_path):
+    import shutil
+
+    from tuneshift.errors import RunFolderError
+
+    data = tmp_path / "p.jsonl"
+    rows = [{"id": f"p{i}", "prompt": f"Summarize the text. Story {i} about a cat.",
+             "instructions": ["Summarize the text."]} for i in range(2)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _cfg(tmp_path, data={"format": "jsonl", "path": str(data)})
+    cfg.plugins = {"saliency": {}}
+    run_config(cfg, tmp_path / "first")
+    rows[1]["prompt"] = "Summarize the text. A different story, about a dog."  # same ids, same row count
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(RunFolderError, match="holds results of other settings"):
+        run_config(cfg, tmp_path / "first")  # the same folder: refused, nothing changed
+    second = tmp_path / "second"
+    (second / "responses").mkdir(parents=True)
+    shutil.copy(tmp_path / "first" / "responses" / "base.jsonl", second / "responses" / "base.jsonl")
+    run_config(cfg, second)  # an old responses cache in the folder is not reused for the edited prompts
+    cached = [json.loads(line) for line in (second / "responses" / "base.jsonl").read_text().splitlines()]
+    assert cached[1]["prompt"] == rows[1]["prompt"]
+    old = [json.loads(line) for line in (tmp_path / "first" / "responses" / "base.jsonl").read_text().splitlines()]
+    assert cached[0]["fingerprint"] != old[0]["fingerprint"]
+
+
+def test_a_bad_plugin_option_fails_before_the_run_folder_exists(tmp_path):
+    from tuneshift.plugin import PluginError
+
+    cfg = _cfg(tmp_path)
+    cfg.plugins = {"saliency": {"b": 11.0}}
+    with pytest.raises(PluginError, match=r"saliency\.b=11"):
+        run_config(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

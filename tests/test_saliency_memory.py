@@ -13,9 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PROBE = Path(__file__).with_name("saliency_memory_probe.py")
 
 
+@pytest.mark.slow  # 400 prompts, about 45 s
 def test_resident_memory_is_flat_after_warm_up(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNESHIFT_CACHE": str(tmp_path / "cache")}
     done = subprocess.run([sys.executable, str(PROBE), str(tmp_path), "400"], env=env, capture_output=True,

@@ -24,7 +24,6 @@ import argparse
 import codecs
 import csv
 import difflib
-import io
 import pickle
 import re
 import sys
@@ -35,11 +34,12 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from tuneshift.data import DataError, Prompt, load_final_dataset
+from tuneshift.data import Prompt, load_final_dataset
 from tuneshift.errors import TuneshiftError
 from tuneshift.plugins.saliency import density as dens
 from tuneshift.plugins.saliency import stats
-from tuneshift.plugins.saliency.safe_pickle import RestrictedUnpickler, UnsafePickleError, restricted_load
+from tuneshift.plugins.saliency.safe_pickle import (RestrictedUnpickler, UnsafePickleError,  # noqa: F401
+                                                    restricted_load)  # (re-exported)
 
 BASE_DIR = "ifa_llama_7b"        # LLaMA-7B
 TUNED_DIR = "ifa_vicuna_7b"      # Vicuna-7B v1.1
