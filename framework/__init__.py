@@ -14,7 +14,13 @@ See ``docs/api.md`` (the Python API) and ``docs/plugins.md`` (writing a plugin).
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+# Offline by default, for every entry point (the command line, tuneshift-report, python -m ...): this runs
+# before any submodule imports huggingface_hub, which reads the variable once. HF_HUB_OFFLINE=0 allows
+# downloads.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 __version__ = "0.2.0"
 

@@ -20,6 +20,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never fetch from a hub unless the user says so
 
 import hydra  # noqa: E402
+from hydra.experimental.callback import Callback  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException  # noqa: E402
 
@@ -95,6 +96,52 @@ def run_config(cfg: Any, output_dir: str | Path | None = None, hydra_cfg: Any = 
     return build_runner(cfg, output_dir, hydra_cfg).run()
 
 
+def _fail(err: TuneshiftError) -> None:
+    """Print ``err`` as one message and exit 2 (re-raise it under ``HYDRA_FULL_ERROR=1``)."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise err
+    report_error(err)
+    raise SystemExit(2) from None
+
+
+def ensure_folder(path: str | Path, what: str) -> None:
+    """Create the folder ``path`` (and its parents), or a :class:`RunFolderError` saying why it cannot be."""
+    from tuneshift.errors import RunFolderError
+
+    path = Path(path)
+    if path.is_dir():
+        return  # the runner checks that it can write there, and what the folder holds
+    blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise RunFolderError(f"the {what} {str(path)!r} cannot be created: {str(blocker)!r} is a file, not a "
+                             "folder; choose another run.root")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunFolderError(f"cannot write the {what} {str(path)!r} ({err.strerror}); choose a writable "
+                             "run.root") from None
+
+
+class RunFolderCheck(Callback):
+    """Hydra callback: the run (or sweep) folder must be creatable before Hydra creates it, or one clear error.
+
+    Hydra makes the job's folder and opens its log file before tuneshift's code runs; a failure there would
+    print Hydra's traceback instead of tuneshift's message.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "run folder", "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "sweep folder", "hydra.sweep.dir")
+
+    def _check(self, config: DictConfig, what: str, key: str) -> None:
+        try:
+            ensure_folder(str(OmegaConf.select(config, key)), what)
+        except TuneshiftError as err:
+            _fail(err)
+
+
 def report_error(err: BaseException) -> None:
     """One clear line (or paragraph) on stderr, no traceback."""
     message = str(err).strip() or type(err).__name__
@@ -114,10 +161,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         runner = build_runner(cfg, output_dir, hydra_cfg)
         summary = runner.run()
     except (TuneshiftError, MissingMandatoryValue, OmegaConfBaseException) as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        report_error(err)
-        raise SystemExit(2) from None
+        _fail(err)
     seconds = summary.get("timing", {}).get("seconds_total", 0.0)
     if runner.findings:
         print("tuneshift: findings")
@@ -129,11 +173,41 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """Console-script entry point: plugins are discovered before Hydra composes the config."""
     try:
+        _check_overrides(sys.argv[1:])
         _register()
     except TuneshiftError as err:
-        report_error(err)
-        raise SystemExit(2) from None
-    _hydra_main()
+        _fail(err)
+    try:
+        _hydra_main()
+    except ValueError as err:  # Hydra's own checks of its flags raise before any job (and its error report) runs
+        if not str(err).startswith(_HYDRA_USAGE_ERRORS):
+            raise
+        from tuneshift.errors import ConfigError
+
+        _fail(ConfigError(f"{err} (see tuneshift --help)"))
+
+
+_HYDRA_USAGE_ERRORS = ("Only one of --run, --multirun", "The --resolve flag")
+
+
+def _check_overrides(argv: list[str]) -> None:
+    """Each ``key=value`` argument parses as a Hydra override, or a :class:`ConfigError` naming it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from tuneshift.errors import ConfigError
+
+    parser = OverridesParser.create()
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue  # flags (-m, --cfg job) and their values are Hydra's
+        try:
+            parser.parse_override(arg)
+        except HydraException as err:  # the parser's syntax errors
+            reason = str(err).splitlines()[0]
+            raise ConfigError(f"cannot parse the override {arg!r} ({reason}); write key=value, quoting values with "
+                              "special characters, e.g. 'data.path=\"my file.jsonl\"' (see "
+                              "https://hydra.cc/docs/advanced/override_grammar/basic)") from None
 
 
 if __name__ == "__main__":

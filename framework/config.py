@@ -55,6 +55,7 @@ class GenerationConfig:
     chat_template: Optional[bool] = None  # None: each model's own ``chat_template`` setting
     batch_size: int = neutral(8)
     response_source: str = "own"  # own | tuned | base | reference
+    truncate_prompts: bool = False  # cut prompts longer than the context (minus max_new_tokens); else an error
 
 
 @dataclass

@@ -16,9 +16,10 @@ Formats (string ids for configs, see :data:`DATASETS`):
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,25 +68,93 @@ def distinct_spans(spans: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], .
 
 
 # ---- loaders --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _utf8(path: Path) -> Iterator[None]:
+    """Turn a decoding error while reading ``path`` into a :class:`DataError` naming the file and the byte."""
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                        "save the file as UTF-8") from None
+
+
+def _read_text(path: Path) -> str:
+    with _utf8(path):
+        return path.read_text(encoding="utf-8")
+
+
+def _field(row: dict, key: str, kind: type | tuple[type, ...], where: str, what: str, default=None):
+    """``row[key]`` when it has the type ``kind``, ``default`` when absent, else an error naming the field."""
+    value = row.get(key, default)
+    if value is default:
+        return value
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise DataError(f'{where}: "{key}" must be {what}, got {type(value).__name__} {json.dumps(value)[:60]}')
+    return value
+
+
+def _jsonl_spans(row: dict, text: str, pid: str, where: str) -> list[tuple[int, int]]:
+    """Instruction spans of one JSONL row, from ``instruction_spans`` or ``instructions`` (validated)."""
+    if "instruction_spans" in row:
+        spans = row["instruction_spans"]
+        ok = isinstance(spans, list) and all(
+            isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in s)
+            for s in spans)
+        if not ok:
+            raise DataError(f'{where}: "instruction_spans" must be a list of [start, end] character offsets, got '
+                            f"{json.dumps(spans)[:80]}")
+        return [(s[0], s[1]) for s in spans]
+    pieces = row.get("instructions", [])
+    if not isinstance(pieces, list) or not all(isinstance(p, str) for p in pieces):
+        hint = ' (a single instruction is ["..."])' if isinstance(pieces, str) else ""
+        raise DataError(f'{where}: "instructions" must be a list of strings, each a substring of the prompt, got '
+                        f"{json.dumps(pieces)[:80]}{hint}")
+    return [find_span(text, piece, pid) for piece in pieces]
+
+
+def _jsonl_prompt(line: str, where: str, default_split: str) -> Prompt:
+    """One JSONL line as a :class:`Prompt`, every field checked (the message names the line and the field)."""
+    expected = '{"id": ..., "prompt": ..., "instructions": [...]}'
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno}); each line holds one object "
+                        f"{expected}") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: each line must be a JSON object {expected}, got a {type(row).__name__}")
+    for key in ("id", "prompt"):
+        if key not in row:
+            raise DataError(f'{where}: no "{key}" field; each line needs at least {expected}')
+    pid = _field(row, "id", (str, int), where, "a string (or integer) id")
+    text = _field(row, "prompt", str, where, "a string")
+    if not text.strip():
+        raise DataError(f"{where}: prompt {str(pid)!r} is empty; give the prompt text")
+    split = _field(row, "split", str, where, "a string", default_split)
+    category = _field(row, "category", str, where, "a string", "")
+    reference = _field(row, "reference", str, where, "a string or null")
+    spans = _jsonl_spans(row, text, str(pid), where)
+    return Prompt(str(pid), text, distinct_spans(spans), split, category, reference)
+
+
+def _no_duplicates(prompts: Sequence[Prompt], path: str | Path, places: Sequence[str]) -> None:
+    """Prompt ids key every result table: each may occur once. ``places``: where each prompt is ("line 3")."""
+    seen: dict[str, str] = {}
+    for prompt, place in zip(prompts, places):
+        if prompt.id in seen:
+            raise DataError(f"{path}: the prompt id {prompt.id!r} on {place} is already used on {seen[prompt.id]}; "
+                            "prompt ids must be unique (they key every result table)")
+        seen[prompt.id] = place
+
+
 def load_jsonl(path: str | Path, default_split: str = "default") -> list[Prompt]:
     """Prompts from a JSONL file (format in the module docstring)."""
     path = _existing(path)
-    prompts = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            pid, text = str(row["id"]), row["prompt"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise DataError(f"{path}:{line_no}: not a prompt object ({err}); each line needs at least "
-                            '{"id": ..., "prompt": ..., "instructions": [...]}') from err
-        if "instruction_spans" in row:
-            spans = [tuple(s) for s in row["instruction_spans"]]
-        else:
-            spans = [find_span(text, piece, pid) for piece in row.get("instructions", [])]
-        prompts.append(Prompt(pid, text, distinct_spans(spans), row.get("split", default_split),
-                              row.get("category", ""), row.get("reference")))
+    prompts, lines = [], []
+    for line_no, line in enumerate(_read_text(path).splitlines(), 1):
+        if line.strip():
+            prompts.append(_jsonl_prompt(line, f"{path}:{line_no}", default_split))
+            lines.append(f"line {line_no}")
+    _no_duplicates(prompts, path, lines)
     return prompts
 
 
@@ -105,22 +174,29 @@ def load_final_dataset(path: str | Path) -> list[Prompt]:
     :func:`tuneshift.instructions.annotated_spans`)."""
     path = _existing(path)
     csv.field_size_limit(1 << 30)
-    prompts = []
-    with path.open(encoding="utf-8", newline="") as handle:
+    prompts, lines = [], []
+    with _utf8(path), path.open(encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
         missing = {"ID", "Prompt", "Instruct&Context"} - set(reader.fieldnames or ())
         if missing:
             raise DataError(f"{path}: missing columns {sorted(missing)}; expected the FinalDataset.tsv layout "
                             "ID, Prompt, Response, Instruct&Context")
         for row in reader:
+            if row["Prompt"] is None or row["Instruct&Context"] is None:
+                raise DataError(f"{path}:{reader.line_num}: too few tab-separated columns; expected ID, Prompt, "
+                                "Response, Instruct&Context")
             pid, text = row["ID"], decode_tsv_escapes(row["Prompt"])
             spans = annotated_spans(text, decode_tsv_escapes(row["Instruct&Context"]), pid)
             prompts.append(Prompt(pid, text, spans, _final_dataset_split(pid)))
+            lines.append(f"line {reader.line_num}")
+    _no_duplicates(prompts, path, lines)
     return prompts
 
 
 def _existing(path: str | Path) -> Path:
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise DataError(f"dataset path {str(path)!r} is a folder, not a file; set data.path to the data file")
     if not path.is_file():
         raise DataError(f"dataset file {str(path)!r} does not exist; give an existing path (relative paths are "
                         "resolved from the directory you run tuneshift in)")
@@ -157,9 +233,31 @@ def load_prompts(fmt: str, path: str | None = None, limit: int | None = None,
     if path is None:
         raise DataError(f"data.format={fmt!r} reads a file: set data.path=/path/to/your/file")
     prompts = dataset.load(path)
+    if not prompts:
+        raise DataError(f"the dataset file {str(path)!r} holds no prompts (it is empty); give a file with at least "
+                        "one prompt")
+    if len({p.id for p in prompts}) != len(prompts):
+        _no_duplicates(prompts, path, [f"prompt {i + 1}" for i in range(len(prompts))])
+    return _select(prompts, limit, splits, ids)
+
+
+def _select(prompts: list[Prompt], limit: int | None, splits: Sequence[str] | None,
+            ids: Sequence[str] | None) -> list[Prompt]:
+    """Filter by split and id (every name given must exist), then the first ``limit`` prompts."""
     if splits:
+        present = sorted({p.split for p in prompts})
+        unknown = [s for s in splits if s not in present]
+        if unknown:
+            raise DataError(f"data.splits: no prompt has split {', '.join(map(repr, unknown))}; this dataset's "
+                            f"splits: {', '.join(present)}")
         prompts = [p for p in prompts if p.split in splits]
     if ids:
+        present_ids = {p.id for p in prompts}
+        unknown = [i for i in ids if i not in present_ids]
+        if unknown:
+            shown = ", ".join(map(repr, unknown[:5])) + (" ..." if len(unknown) > 5 else "")
+            raise DataError(f"data.ids: no prompt (of the selected splits) has id {shown}; check the ids against "
+                            "the data file")
         prompts = [p for p in prompts if p.id in set(ids)]
     return prompts[:limit] if limit else prompts
 

@@ -115,6 +115,7 @@ class WandbLogger(Logger):
                     raise
                 log.warning("W&B could not start online (%s); logging offline instead (wandb sync %s/wandb "
                             "uploads it later)", str(err).splitlines()[0][:200], job.run_dir)
+                self.wandb.teardown()  # the failed start still holds the run id in W&B's service process
                 self.run = self._init(job, "offline")
         except Exception as err:  # noqa: BLE001  (W&B must never cost the local results)
             self._fail(err)

@@ -19,7 +19,6 @@ run in config order, one in memory at a time.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import logging
 import os
@@ -34,12 +33,14 @@ from tqdm.auto import tqdm
 
 from tuneshift.adapters import ModelAdapter
 from tuneshift.config import GenerationConfig, RunConfig
+from tuneshift.context import context_limit, fit_context
 from tuneshift.data import EncodedPrompt, Prompt, encode_prompt
 from tuneshift.errors import ConfigError, RunFolderError
 from tuneshift.fingerprint import fingerprint, prompts_fingerprint, settings_dict
 from tuneshift.generation import Batch, generate_responses, make_batches
-from tuneshift.loading import ModelSpec, load_model
+from tuneshift.loading import ModelSpec, load_model, preflight
 from tuneshift.loggers import Logger, LocalLogger
+from tuneshift.memory import release_memory
 from tuneshift.plugin import HookTimer, Plugin
 from tuneshift.probes import Captures, ProbeRegistry
 from tuneshift.responses import (REFERENCE, apply_own, apply_reference, apply_shared, cache_path,
@@ -161,6 +162,11 @@ class Runner:
         if self.generation.max_new_tokens < 1:
             raise ConfigError(f"generation.max_new_tokens={self.generation.max_new_tokens} must be at least 1")
         check_response_source(self.generation.response_source, self.prompts, list(self.models), self.pairs)
+        for key, spec in self.models.items():
+            preflight(spec, key)  # a wrong path or device fails now, not after the first model's work
+        if self.settings.threads < 0:
+            raise ConfigError(f"run.threads={self.settings.threads}: give a number of CPU threads, or 0 for the "
+                              "default (half the cores)")
 
     # ---- hooks dispatch -------------------------------------------------------------------------------------
     def _call(self, plugins: list[Plugin], hook: str, *args: Any) -> None:
@@ -212,8 +218,26 @@ class Runner:
 
                 atomic_write_bytes(self.output_dir / "config.yaml", yaml.safe_dump(self.provenance).encode())
         except OSError as err:
-            raise RunFolderError(f"cannot write the run folder {str(self.output_dir)!r} ({err.strerror}); choose a "
-                                 "writable run.root") from err
+            state = ("it holds the finished results of these settings, untouched: read them there (or run "
+                     "tuneshift-report on a writable copy)" if self._all_done() else
+                     "nothing was changed; choose a writable run.root (or hydra.run.dir)")
+            raise RunFolderError(f"run folder {str(self.output_dir)!r} is not writable ({err.strerror}); "
+                                 f"{state}") from None
+
+    def _all_done(self) -> bool:
+        """Whether every (plugin, model) and (plugin, pair) result of these settings is marked done."""
+        for plugin in self.plugins:
+            for key, spec in self.models.items():
+                if not self.store.is_done(plugin.name, key, self._plugin_fingerprint(plugin, spec)):
+                    return False
+            for base, tuned in self.pairs:
+                if not self.store.is_done(plugin.name, ResultStore.compare_key(base, tuned),
+                                          self._compare_fingerprint(plugin, base, tuned)):
+                    return False
+        return True
+
+    def _compare_fingerprint(self, plugin: Plugin, base: str, tuned: str) -> str:
+        return fingerprint(self._plugin_fingerprint(plugin, None), base, tuned, self.models)
 
     # ---- the run --------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -233,10 +257,21 @@ class Runner:
             for base, tuned in self.pairs:
                 self._compare(ctx, base, tuned)
             self._call(self.plugins, "on_run_end", ctx)
-        finally:
-            self._call(self.plugins, "teardown", ctx)
-            self._wrap_up(started)
+        except BaseException:
+            self._wrap_up_after_error(ctx, started)  # the run's own error is the one the user sees
+            raise
+        self._call(self.plugins, "teardown", ctx)
+        self._wrap_up(started)
         return self.store.summary()
+
+    def _wrap_up_after_error(self, ctx: RunContext, started: float) -> None:
+        """Teardown, summary and report of a failed run; their own failures are logged, never raised."""
+        for step in (lambda: self._call(self.plugins, "teardown", ctx), lambda: self._wrap_up(started)):
+            try:
+                step()
+            except Exception as err:  # noqa: BLE001 -- it must not replace the error that stopped the run
+                log.warning("after the run failed, wrapping up failed too (%s: %s)", type(err).__name__,
+                            str(err).splitlines()[0][:200] if str(err) else "")
 
     def _wrap_up(self, started: float) -> None:
         self.store.update_summary("timing", {"seconds_total": time.perf_counter() - started,
@@ -275,17 +310,25 @@ class Runner:
                 if any(p.needs_responses for p in traced):
                     self._responses(ctx, run)
                 else:
-                    run.encoded = [encode_prompt(tokenizer, p, run.chat_template) for p in ctx.prompts]
+                    run.encoded = self._encode(run, ctx.prompts)
                 self._batches(ctx, run, traced)
             self._call(pending, "on_model_end", ctx, run)
-            for plugin in pending:
-                self._finish(ctx, plugin, key, fingerprints[plugin.name])
             self.store.update_summary("models", {key: {"name": spec.name, **run.adapter.describe()}})
+            for plugin in pending:  # done markers last: a kill before them redoes this model, never skips it
+                self._finish(ctx, plugin, key, fingerprints[plugin.name])
         finally:
             del run, model
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release_memory()  # the model's memory back to the OS before the next one loads
+
+    def _encode(self, run: ModelRun, prompts: Sequence[Prompt]) -> list[EncodedPrompt]:
+        """Each prompt as ``run``'s model sees it, checked against its context (or cut to fit, when asked)."""
+        return self._fit(run, [encode_prompt(run.tokenizer, p, run.chat_template) for p in prompts],
+                         self.generation.truncate_prompts)
+
+    def _fit(self, run: ModelRun, encoded: list[EncodedPrompt], truncate: bool) -> list[EncodedPrompt]:
+        limit, source = context_limit(run.model, run.tokenizer)
+        return fit_context(encoded, run.tokenizer, limit, source, self.generation.max_new_tokens, run.chat_template,
+                           truncate, run.name)
 
     def _chat_flag(self, key: str) -> bool:
         chat = self.generation.chat_template
@@ -295,14 +338,15 @@ class Runner:
         """Encode the prompts and give each its response: the model's own, another model's, or the reference."""
         source = source_of(run.key, self.generation.response_source, self.pairs)
         if source == run.key:
-            run.encoded = [encode_prompt(run.tokenizer, p, run.chat_template) for p in ctx.prompts]
+            run.encoded = self._encode(run, ctx.prompts)
             self._own_responses(ctx, run)
-        elif source == REFERENCE:
-            run.encoded = encode_shared(run.tokenizer, ctx.prompts, run.chat_template, None)
+            return
+        rows = None if source == REFERENCE else self._source_rows(ctx, source)
+        # the source's prompts were fitted already: here a prompt that does not fit is an error, never cut
+        run.encoded = self._fit(run, encode_shared(run.tokenizer, ctx.prompts, run.chat_template, rows), False)
+        if rows is None:
             apply_reference(run.encoded, run.tokenizer)
         else:
-            rows = self._source_rows(ctx, source)
-            run.encoded = encode_shared(run.tokenizer, ctx.prompts, run.chat_template, rows)
             apply_shared(run.encoded, rows, run.tokenizer)
 
     def _own_fingerprint(self, spec: ModelSpec, chat: bool) -> str:
@@ -341,7 +385,7 @@ class Runner:
                 self._responses(ctx, run)
             finally:
                 del model
-                gc.collect()
+                release_memory()
         return self._response_rows[source]
 
     def _batches(self, ctx: RunContext, run: ModelRun, plugins: list[Plugin]) -> None:
@@ -361,16 +405,16 @@ class Runner:
     def _compare(self, ctx: RunContext, base: str, tuned: str) -> None:
         key = ResultStore.compare_key(base, tuned)
         for plugin in self.plugins:
-            fp = fingerprint(self._plugin_fingerprint(plugin, None), base, tuned, self.models)
+            fp = self._compare_fingerprint(plugin, base, tuned)
             if self._is_done(plugin, key, fp):
                 section = self.store.load_section(plugin.name, key)
             else:
                 with self.timer.span(plugin, "on_compare"):
                     plugin.on_compare(ctx, base, tuned)
                 section = self._finish(ctx, plugin, key, fp)
-                summary = self.store.dir(plugin.name, key) / "summary.json"
-                if summary.is_file():  # the comparison's numbers, also in the run's summary.json
-                    self.store.update_summary(plugin.name, {f"{base}__{tuned}": json.loads(summary.read_text())})
+            summary = self.store.dir(plugin.name, key) / "summary.json"
+            if summary.is_file():  # the comparison's numbers, also in the run's summary.json (also on resume)
+                self.store.update_summary(plugin.name, {f"{base}__{tuned}": json.loads(summary.read_text())})
             for headline in (section.headlines if section else []):
                 self.findings.append(Finding(plugin.name, base, tuned, headline))
 

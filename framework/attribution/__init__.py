@@ -64,6 +64,7 @@ from tuneshift.attribution.items import (MODES, TARGETS, AttributionError, Attri
 from tuneshift.attribution.layout import build_layout, embed
 from tuneshift.attribution.passes import jvp_batch, response_cotangents, supports_prefix_cache, vjp_batch
 from tuneshift.attribution.plan import jvp_cost, plan_modes, prompt_groups, sliding_window, vjp_cost
+from tuneshift.memory import trim_heap
 
 
 # ---- public entry points --------------------------------------------------------------------------------------
@@ -99,26 +100,17 @@ def attribute(model: nn.Module, items: Sequence[AttributionItem], *, target: Tar
     model.eval()
     if attention not in (None, "eager", "sdpa"):  # e.g. flash_attention_2: no forward-mode derivative
         model.set_attn_implementation("sdpa")
+    cache = prefix_cache and supports_prefix_cache(model)
     try:
         for path in ("vjp", "jvp"):
             chosen = [i for i, p in zip(todo, plans) if p == path]
             for group in prompt_groups(path, chosen, items, max_batch_prompts, max_batch_tokens, window,
                                  max_padding_waste):
-                batch = [items[i] for i in group]
-                lay = build_layout(batch, pad_token_id, device)
-                embeds = embed(model, lay.ids)                                   # [B, L, d]
-                if path == "vjp":
-                    full = vjp_batch(model, body, lay, embeds, target, max_batch_tokens,
-                                      prefix_cache and supports_prefix_cache(model))  # [B, P, M]
-                    for b, i in enumerate(group):
-                        cols = lay.row_cols[b, lay.row_valid[b]]
-                        results[i] = full[b, cols, :items[i].n_response].float().cpu()
-                else:
-                    grads_h = response_cotangents(body, model, lay, embeds, target)  # [B, M, d]
-                    rows = jvp_batch(model, body, lay, embeds, grads_h, max_batch_tokens,
-                                      prefix_cache and supports_prefix_cache(model))  # [B, R, M]
-                    for b, i in enumerate(group):
-                        results[i] = rows[b, :items[i].n_rows, :items[i].n_response].float().cpu()
+                matrices = _group_matrices(model, body, path, [items[i] for i in group], pad_token_id, device,
+                                           target, max_batch_tokens, cache)
+                for i, matrix in zip(group, matrices):
+                    results[i] = matrix
+                trim_heap()  # give the pass's temporaries back to the OS (tuneshift.memory explains why)
                 if progress is not None:
                     progress(len(group))
     finally:
@@ -126,6 +118,20 @@ def attribute(model: nn.Module, items: Sequence[AttributionItem], *, target: Tar
         if attention not in (None, "eager", "sdpa"):
             model.set_attn_implementation(attention)
     return results  # type: ignore[return-value]
+
+
+def _group_matrices(model: nn.Module, body: nn.Module, path: str, batch: list[AttributionItem], pad_token_id: int,
+                    device: torch.device, target: Target, max_batch_tokens: int, cache: bool) -> list[Tensor]:
+    """One group's matrices ``[n_rows, n_response]`` (own float32 CPU copies: the batch's buffers die here)."""
+    lay = build_layout(batch, pad_token_id, device)
+    embeds = embed(model, lay.ids)                                                   # [B, L, d]
+    if path == "vjp":
+        full = vjp_batch(model, body, lay, embeds, target, max_batch_tokens, cache)  # [B, P, M]
+        return [full[b, lay.row_cols[b, lay.row_valid[b]], :it.n_response].float().cpu()
+                for b, it in enumerate(batch)]
+    grads_h = response_cotangents(body, model, lay, embeds, target)                  # [B, M, d]
+    rows = jvp_batch(model, body, lay, embeds, grads_h, max_batch_tokens, cache)     # [B, R, M]
+    return [rows[b, :it.n_rows, :it.n_response].to("cpu", torch.float32, copy=True) for b, it in enumerate(batch)]
 
 
 def naive_attribution(model: nn.Module, item: AttributionItem, target: Target = "prob") -> Tensor:

@@ -10,8 +10,9 @@ Vicuna-7B). Each pickle holds ``ID``, ``Input`` and ``Output`` (SentencePiece pi
 ``<0x0A>``) and ``Explain``, the matrix S already normalised with b = 0 (integers 0..10): it is only
 re-thresholded here (b = 7), never normalised again.
 
-Pickles can run code when loaded, so :class:`RestrictedUnpickler` accepts builtin containers and scalars
-and numpy arrays only, and refuses everything else with :class:`UnsafePickleError`.
+Pickles can run code when loaded, so :class:`RestrictedUnpickler` (:mod:`.safe_pickle`) accepts builtin
+containers and scalars and numpy arrays only, within an allocation budget checked before anything is built,
+and refuses everything else with :class:`UnsafePickleError`.
 
 Instruction tokens (methods.md A.5): each prompt's instruction sentences (``tuneshift.data.load_final_dataset``:
 lines first, each annotated fragment replaced by the first prompt sentence holding it) are matched onto the
@@ -25,7 +26,6 @@ import argparse
 import codecs
 import csv
 import difflib
-import io
 import pickle
 import re
 import sys
@@ -36,10 +36,13 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from tuneshift.data import DataError, Prompt, load_final_dataset
+from tuneshift.data import Prompt, load_final_dataset
+from tuneshift.errors import TuneshiftError
 from tuneshift.instructions import align_spans, edge_tokens
 from tuneshift.plugins.saliency import density as dens
 from tuneshift.plugins.saliency import stats
+from tuneshift.plugins.saliency.safe_pickle import (RestrictedUnpickler, UnsafePickleError,  # noqa: F401
+                                                    restricted_load)  # (re-exported)
 
 BASE_DIR = "ifa_llama_7b"        # LLaMA-7B
 TUNED_DIR = "ifa_vicuna_7b"      # Vicuna-7B v1.1
@@ -47,63 +50,8 @@ RATINGS_MODEL = "vicuna_7B"      # AnnotatedDataset.tsv `Model` whose ratings Ta
 SPLITS = ("self_instruct", "lima", "mtbench")
 
 
-class PaperDataError(ValueError):
+class PaperDataError(TuneshiftError, ValueError):
     """The reference data is missing or malformed; the message names the file and what was expected."""
-
-
-class UnsafePickleError(pickle.UnpicklingError):
-    """A pickle asked for a global that is neither a builtin container/scalar nor a numpy array part."""
-
-
-# ---- restricted unpickling ------------------------------------------------------------------------------------
-def _numpy_globals() -> dict[tuple[str, str], object]:
-    try:
-        from numpy._core import multiarray
-    except ImportError:  # numpy < 2
-        from numpy.core import multiarray  # type: ignore[no-redef]
-    try:
-        from numpy._core.numeric import _frombuffer
-    except ImportError:  # numpy < 2
-        from numpy.core.numeric import _frombuffer  # type: ignore[no-redef]
-    allowed: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-                                              ("_codecs", "encode"): codecs.encode}  # protocol-2 bytes
-    for core in ("numpy.core", "numpy._core"):  # pickles name either, by numpy version
-        allowed[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        allowed[(f"{core}.multiarray", "scalar")] = multiarray.scalar
-        allowed[(f"{core}.numeric", "_frombuffer")] = _frombuffer  # protocol 5
-    return allowed
-
-
-_BUILTINS = {name: getattr(__import__("builtins"), name) for name in (
-    "list", "dict", "tuple", "set", "frozenset", "str", "bytes", "bytearray", "int", "float", "complex", "bool",
-)}
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles builtin containers and scalars and numpy arrays; any other global raises UnsafePickleError.
-
-    Allowed globals: the builtin types list, dict, tuple, set, frozenset, str, bytes, bytearray, int, float,
-    complex, bool; numpy's ndarray, dtype and its array/scalar reconstructors (``_reconstruct``, ``scalar``,
-    ``_frombuffer``); ``_codecs.encode`` (how protocol 2 spells bytes). None of them runs code.
-    """
-
-    _allowed = {**{(m, k): v for k, v in _BUILTINS.items() for m in ("builtins", "__builtin__")},  # py2 name
-                **_numpy_globals()}
-
-    def find_class(self, module: str, name: str) -> object:
-        try:
-            return self._allowed[(module, name)]
-        except KeyError:
-            raise UnsafePickleError(
-                f"refusing to load {module}.{name}: this pickle asks for code that is neither a builtin "
-                "container/scalar nor a numpy array, and loading it could run arbitrary code. Only the "
-                "authors' attribution pickles (dicts of strings, lists and numpy arrays) are accepted."
-            ) from None
-
-
-def restricted_load(data: bytes) -> object:
-    """Unpickle ``data`` with :class:`RestrictedUnpickler`."""
-    return RestrictedUnpickler(io.BytesIO(data)).load()
 
 
 @dataclass(frozen=True)
@@ -124,7 +72,10 @@ def load_attribution(path: str | Path) -> ReferenceAttribution:
     try:
         obj = restricted_load(path.read_bytes())
     except UnsafePickleError as err:
-        raise UnsafePickleError(f"{path}: {err}") from None
+        raise type(err)(f"{path}: {err}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as err:
+        raise PaperDataError(f"{path}: truncated or not a pickle ({type(err).__name__}: {str(err)[:120]}); the "
+                             "attribution files are the authors' pickles, copy them again") from None
     if not isinstance(obj, dict) or not {"ID", "Input", "Output", "Explain"} <= set(obj):
         raise PaperDataError(f"{path}: expected a dict with keys ID, Input, Output, Explain; got "
                              f"{type(obj).__name__} {sorted(obj) if isinstance(obj, dict) else ''}")
@@ -334,12 +285,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="also print the density profile over prompt position and add it to the JSON")
     parser.add_argument("--plots", type=Path, help="write score_distribution.png and density_profile.png here")
     args = parser.parse_args(argv)
+    if not 0 <= args.b < 10:
+        parser.error(f"--b {args.b:g}: the threshold must lie in [0, 10) (scores are 0..10; the paper uses 7)")
+    if args.p <= 1:
+        parser.error(f"--p {args.p:g}: the density exponent must be > 1 (the paper uses 4)")
+    if args.limit_per_split is not None and args.limit_per_split < 1:
+        parser.error(f"--limit-per-split {args.limit_per_split}: give a positive number of prompts per split")
     try:
         base, tuned, ratings = paper_scores(args.reference, args.b, args.p, args.limit_per_split)
         tables, deciles = tables_from_scores(base, tuned, ratings)
-    except (PaperDataError, UnsafePickleError, DataError, OSError) as err:
+    except (TuneshiftError, OSError) as err:
         print(f"tuneshift-paper-tables: error: {err}", file=sys.stderr)
         return 2
+    try:
+        _write_outputs(args, base, tuned, tables, deciles)
+    except OSError as err:
+        print(f"tuneshift-paper-tables: error: cannot write the outputs (--out, --plots): {err.strerror}: "
+              f"{err.filename!r}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _write_outputs(args: argparse.Namespace, base: pd.DataFrame, tuned: pd.DataFrame, tables: dict,
+                   deciles: pd.DataFrame) -> None:
     print(format_tables(tables))
     payload = dict(tables)
     if args.deciles:
@@ -358,7 +326,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tuneshift.results import atomic_write_json
 
         atomic_write_json(Path(args.out), payload)
-    return 0
 
 
 if __name__ == "__main__":

@@ -109,8 +109,9 @@ class SaliencyPlugin(Plugin):
         else:
             from tuneshift.generation import generate_responses
 
+            prompts = [e.prompt for e in run.encoded] or ctx.prompts  # as the runner fitted them to the context
             own = dataclasses.replace(run, chat_template=chat,
-                                      encoded=[encode_prompt(run.tokenizer, p, chat) for p in ctx.prompts])
+                                      encoded=[encode_prompt(run.tokenizer, p, chat) for p in prompts])
             generate_responses(own, wanted, int(ctx.generation.batch_size), ctx.progress)
             encoded = own.encoded
         return [dataclasses.replace(e, response_ids=e.response_ids[:wanted]) for e in encoded]

@@ -41,6 +41,7 @@ import torch
 
 from tuneshift.attribution import attribute
 from tuneshift.data import EncodedPrompt, Prompt, encode_prompt, load_prompts
+from tuneshift.errors import TuneshiftError
 from tuneshift.loading import ModelSpec, load_model
 from tuneshift.plugins.saliency import density as dens
 
@@ -242,6 +243,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--tolerance", type=float, default=0.05)
     args = parser.parse_args(argv)
+    try:
+        result = _check(parser, args)
+    except (TuneshiftError, FileNotFoundError, KeyError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err  # KeyError quotes its message
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.summary(), indent=1))
+    return 0 if result.passed else 1
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> PrecisionCheck:
     if args.run_dir is not None:
         result = check_run(args.run_dir, args.model, args.prompts, dtype=args.dtype,
                            reference_dtype=args.reference_dtype, tolerance=args.tolerance,
@@ -254,8 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           max_new_tokens=args.max_new_tokens or 32, tolerance=args.tolerance)
     else:
         parser.error("give a run dir or --path")
-    print(json.dumps(result.summary(), indent=1))
-    return 0 if result.passed else 1
+    return result
 
 
 if __name__ == "__main__":
