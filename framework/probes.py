@@ -41,7 +41,7 @@ from __future__ import annotations
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import nnsight
 import torch
@@ -213,29 +213,39 @@ class ProbeRegistry:
     def needs_attention_pattern(self) -> bool:
         return any(p.site.endswith("attn.pattern") for p in self.forward + self.backward)
 
-    def run(self, lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            position_ids: torch.Tensor) -> dict[str, Captures]:
-        """One trace over a (left-padded) batch; returns ``{owner: Captures}`` with detached tensors."""
-        if self.empty:
+    def run(self, lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+            interventions: Sequence = (), step: int = 0, **forward_kwargs) -> dict[str, Captures]:
+        """One trace over a (left-padded) batch; returns ``{owner: Captures}`` with detached tensors.
+
+        ``interventions`` (:mod:`tuneshift.interventions`) write in forward order in the same trace, before the
+        reads at their site, so every read and gradient sees them; ``step`` is the generation step they are
+        applied at (0: the batch's own tokens) and ``forward_kwargs`` go to the model (a KV cache, for example).
+        """
+        from tuneshift.interventions import apply_at, by_site
+
+        if self.empty and not interventions:
             return {}
+        writes = by_site(interventions, self.adapter.n_layers)
         device = self.adapter.model.device
         inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
         mask = inputs["attention_mask"]
         grad_ctx = nullcontext() if self.needs_grad else torch.no_grad()
         grad_sites = {p.site for p in self.backward}
-        sites = {p.site for p in self.forward} | grad_sites | ({"embed.output"} if grad_sites else set())
+        sites = {p.site for p in self.forward} | grad_sites | ({"embed.output"} if grad_sites else set()) | set(writes)
         if grad_sites:
             sites.add("logits")
         by_site: dict[str, list[Probe]] = {}
         for probe in self.forward:
             by_site.setdefault(probe.site, []).append(probe)
-        with grad_ctx, lm.trace(inputs, position_ids=position_ids.to(device)):
+        with grad_ctx, lm.trace(inputs, position_ids=position_ids.to(device), **forward_kwargs):
             raw = nnsight.save({})
             values = {}
             for site in sorted(sites, key=lambda s: site_order(s, self.adapter.n_layers)):  # forward order
                 value = _site_value(lm, self.adapter, site)
                 if site == "embed.output" and grad_sites:
                     value.requires_grad_(True)  # frozen weights: give autograd a leaf to flow to
+                if site in writes:
+                    value = apply_at(lm, self.adapter, site, value, writes[site], step)
                 for probe in by_site.get(site, []):
                     raw[probe.key] = _reduce(value, probe.reduce, mask).save()
                 if site in grad_sites or site == "logits":
