@@ -9,7 +9,7 @@
 #                                              # thread competing with another job made a forward 5-25x slower)
 #
 # Names: saliency_tiny saliency_smollm2_64 saliency_smollm2_300 saliency_smollm2_long capture_tiny capture_smollm2 head_relations
-#        ffn_concepts scaling_saliency scaling_weights
+#        ffn_concepts scaling_saliency scaling_weights interventions_tiny
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -33,9 +33,10 @@ declare -A CMD=(
   [ffn_concepts]="benchmarks/bench_ffn_concepts.py --threads 1 --device $DEVICE"
   [scaling_saliency]="benchmarks/bench_scaling.py --axes saliency --repeats 3 --threads $THREADS --device $DEVICE"
   [scaling_weights]="benchmarks/bench_scaling.py --axes words model --repeats 3 --threads $THREADS --device $DEVICE"
+  [interventions_tiny]="benchmarks/bench_interventions.py --model $TINY --rows 8 32 128 --repeats 15 --threads $THREADS"
 )
 ORDER=(saliency_tiny saliency_smollm2_64 saliency_smollm2_300 saliency_smollm2_long capture_tiny capture_smollm2 head_relations
-       ffn_concepts scaling_saliency scaling_weights)
+       ffn_concepts scaling_saliency scaling_weights interventions_tiny)
 [ $# -gt 0 ] && ORDER=("$@")
 
 status=0

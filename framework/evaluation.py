@@ -14,7 +14,7 @@ dropped from the batch (and from the interventions' per-row parameters), so a lo
 ones pay. No logits processors run (the runner and the organism's evaluation use none either).
 
 Teacher-forced scoring (scorer ``logprob``): the prompt followed by the reference tokens and the stop token in one
-forward; the score is their mean log-probability (float64 log-softmax).
+forward; the score is their mean log-probability.
 
 Canonical pattern::
 
@@ -26,8 +26,11 @@ Canonical pattern::
 """
 from __future__ import annotations
 
+import gc
+import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -47,32 +50,35 @@ class EvaluationError(TuneshiftError, ValueError):
 
 @dataclass
 class Rows:
-    """A chunk of (condition, item) rows as one left-padded batch (what ``build`` receives)."""
+    """A chunk of (condition, item) rows as one batch (what ``build`` receives).
+
+    Layout: each row's prompt is left-padded so every prompt ends at column ``prompt_width``; with references
+    (teacher-forced scoring), each row's reference follows its prompt, right-padded."""
 
     condition: torch.Tensor       # [R] condition index of each row
     item: torch.Tensor            # [R] item index of each row
     input_ids: torch.Tensor       # [R, T]
     attention_mask: torch.Tensor  # [R, T]
     position_ids: torch.Tensor    # [R, T]
-    lengths: torch.Tensor         # [R] real tokens of each row
-    n_prompt: torch.Tensor        # [R] prompt tokens of each row (the rest is the reference, teacher-forced)
+    lengths: torch.Tensor         # [R] real tokens of each row (prompt + reference)
+    n_prompt: torch.Tensor        # [R] prompt tokens of each row
+    offsets: torch.Tensor         # [R] column of each row's first real token
 
     @property
     def width(self) -> int:
         return int(self.input_ids.shape[1])
 
     @property
-    def offsets(self) -> torch.Tensor:
-        """``[R]`` where each row's first real token sits (left padding)."""
-        return self.width - self.lengths
+    def prompt_width(self) -> int:
+        return int((self.offsets + self.n_prompt).max())
 
     def place(self, per_item: Sequence[torch.Tensor]) -> torch.Tensor:
         """``[R, T, ...]``: each row's item values ``per_item[i]`` ``[n_i, ...]`` (over its own tokens from the
-        first; at most its length) right-aligned like its tokens; zeros elsewhere."""
+        first, at most ``lengths[r]`` of them) laid out like its tokens; zeros elsewhere."""
         first = per_item[int(self.item[0])]
         out = torch.zeros((len(self.item), self.width, *first.shape[1:]), dtype=first.dtype)
-        for r, (i, offset) in enumerate(zip(self.item.tolist(), self.offsets.tolist())):
-            values = per_item[i]
+        for r, (i, offset, n) in enumerate(zip(self.item.tolist(), self.offsets.tolist(), self.lengths.tolist())):
+            values = per_item[i][:n]
             out[r, offset:offset + values.shape[0]] = values
         return out
 
@@ -84,14 +90,32 @@ class Rows:
         return mask
 
 
+def layout(prompts: Sequence[torch.Tensor], references: Sequence[torch.Tensor] | None, pad_id: int
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``ids, mask, positions [R, T]`` and ``offsets [R]``: prompts left-padded to end in one column, references
+    (if any) right after, right-padded; positions count each row's real tokens."""
+    ids, mask, _ = left_pad(prompts, pad_id)
+    offsets = ids.shape[1] - torch.tensor([int(p.numel()) for p in prompts])
+    if references is not None:
+        width = max(int(r.numel()) for r in references)
+        tail = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        tail_mask = torch.zeros((len(prompts), width), dtype=mask.dtype)
+        for r, ref in enumerate(references):
+            tail[r, :ref.numel()], tail_mask[r, :ref.numel()] = ref, 1
+        ids, mask = torch.cat([ids, tail], 1), torch.cat([mask, tail_mask], 1)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), offsets
+
+
 Build = Callable[[Rows], Sequence[Intervention]]
 
 
 @dataclass
 class EvalResult:
-    """Scores ``[n_conditions, n_items]`` and, for text scorers, the answers ``[n_conditions][n_items]``."""
+    """Scores ``[n_conditions, n_items]``; with ``logprob=True`` also the reference log-probabilities ``[C, N]``;
+    with ``keep_answers`` the generated answers ``[n_conditions][n_items]``."""
 
     scores: np.ndarray
+    logprob: np.ndarray | None = None
     answers: list[list[str]] | None = None
     generated_tokens: int = 0
 
@@ -114,39 +138,79 @@ def reference_ids(tokenizer, items: Sequence[EncodedPrompt], with_stop: bool = T
                          dtype=torch.long) for e in items]
 
 
-def chunks(lengths: Sequence[int], n_conditions: int, max_rows: int, max_tokens: int):
-    """(condition, item) index tensors of each chunk: rows sorted by length (longest first), at most ``max_rows``
-    rows and ``max_tokens`` padded tokens each."""
+def chunks(lengths: Sequence[int], n_conditions: int, max_rows: int, max_tokens: int,
+           tails: Sequence[int] | None = None):
+    """(condition, item) index tensors of each chunk: rows sorted by length (longest first; then by ``tails``,
+    the reference lengths), at most ``max_rows`` rows and ``max_tokens`` padded tokens each."""
+    tails = tails or [0] * len(lengths)
     order = sorted(((c, i) for c in range(n_conditions) for i in range(len(lengths))),
-                   key=lambda ci: (-lengths[ci[1]], ci[1], ci[0]))
+                   key=lambda ci: (-lengths[ci[1]], -tails[ci[1]], ci[1], ci[0]))
     start = 0
     while start < len(order):
-        width = lengths[order[start][1]]
+        width = lengths[order[start][1]] + max(tails)
         size = max(1, min(max_rows, max_tokens // max(width, 1)))
         part = order[start:start + size]
         start += len(part)
         yield torch.tensor([c for c, _ in part]), torch.tensor([i for _, i in part])
 
 
+def _cache(run):
+    from transformers import DynamicCache
+
+    arg = "cache" if "cache" in inspect.signature(run.model.forward).parameters else "past_key_values"
+    return DynamicCache(config=run.model.config), arg
+
+
+@torch.no_grad()
+def _prefill(run, ids, mask, pos, ivs, n_ref: torch.Tensor | None, cache=None, cache_arg: str = "cache"):
+    """The first forward: ``(next-token logits [R, V] at each prompt's end, reference mean log-probs [R] | None)``.
+
+    With references, the logits of the last ``M + 1`` columns are kept (M = the reference width): column 0 is the
+    prompt's last position, columns j predict reference token j."""
+    kwargs = {"use_cache": True, cache_arg: cache} if cache is not None else {}
+    if n_ref is None:
+        out = ProbeRegistry(run.adapter, {"e": [Probe("logits", reduce="last")]}).run(
+            run.nnsight, ids, mask, pos, ivs, step=0, logits_to_keep=1, **kwargs)["e"]["logits:last"]
+        return out, None
+    width = int(n_ref.max())
+    logits = ProbeRegistry(run.adapter, {"e": [Probe("logits")]}).run(
+        run.nnsight, ids, mask, pos, ivs, step=0, logits_to_keep=width + 1, **kwargs)["e"]["logits"]
+    logp = logits[:, :-1].log_softmax(-1)  # float32 log-softmax is stable; summed in float64 below
+    token_lp = logp.gather(-1, ids[:, -width:, None]).squeeze(-1).double()  # [R, M]
+    used = torch.arange(width)[None, :] < n_ref[:, None]
+    return logits[:, 0], (token_lp * used).sum(1) / n_ref.clamp(min=1)
+
+
 @torch.no_grad()
 def greedy_generate(run, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                     interventions: Sequence[Intervention] = (), max_new_tokens: int = 64,
-                    stops: Sequence[int] | None = None) -> list[torch.Tensor]:
-    """Greedy responses (without the stop token) of a left-padded batch with ``interventions`` at every step."""
-    from transformers import DynamicCache
+                    stops: Sequence[int] | None = None, n_ref: torch.Tensor | None = None):
+    """Greedy responses (without the stop token) of a left-padded batch with ``interventions`` at every step.
 
+    With ``n_ref`` (the reference length of each row, laid out by :func:`layout` after the prompts), the first
+    forward also scores the references teacher-forced; returns ``(responses, logprobs [R])`` then. The cache is
+    cut back to the prompts before decoding, so the answers are those of the prompts alone."""
     stops = torch.tensor(sorted(stop_ids(run.model, run.tokenizer) if stops is None else stops), dtype=torch.long)
     registry = ProbeRegistry(run.adapter, {"eval": [Probe("logits", reduce="last")]})
-    cache = DynamicCache(config=run.model.config)
+    cache, cache_arg = _cache(run)
+    if n_ref is not None and hasattr(cache, "activate_past_recording"):
+        cache.activate_past_recording()  # sliding-window layers keep what the crop below must be able to undo
+    logits, ref_lp = _prefill(run, input_ids, attention_mask, position_ids, interventions, n_ref, cache, cache_arg)
+    prompt_width = input_ids.shape[1] - (0 if n_ref is None else int(n_ref.max()))
+    if n_ref is not None:
+        cache.crop(-int(n_ref.max()))  # back to the prompts: negative = tokens removed (every transformers 5)
+        for layer in getattr(cache, "layers", ()):
+            if getattr(layer, "record_past", False):
+                layer.record_past = False
     rows = input_ids.shape[0]
     out = torch.zeros((rows, max_new_tokens), dtype=torch.long)
     lengths = torch.full((rows,), max_new_tokens, dtype=torch.long)
     alive = torch.arange(rows)
-    ivs, mask, pos = list(interventions), attention_mask, position_ids
-    step_ids = input_ids
+    ivs, mask, pos = list(interventions), attention_mask[:, :prompt_width], position_ids[:, :prompt_width]
     for step in range(max_new_tokens):
-        logits = registry.run(run.nnsight, step_ids, mask, pos, ivs, step=step, past_key_values=cache,
-                              use_cache=True, logits_to_keep=1)["eval"]["logits:last"]  # [R_alive, V]
+        if step:
+            logits = registry.run(run.nnsight, nxt[:, None], mask, pos, ivs, step=step, use_cache=True,
+                                  logits_to_keep=1, **{cache_arg: cache})["eval"]["logits:last"]  # [R_alive, V]
         nxt = logits.argmax(-1)
         out[alive, step] = nxt
         done = torch.isin(nxt, stops)
@@ -159,61 +223,59 @@ def greedy_generate(run, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
             alive, nxt, mask, pos, ivs = alive[keep], nxt[keep], mask[keep], pos[keep], select_rows(ivs, keep)
         mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=mask.dtype)], dim=1)
         pos = pos[:, -1:] + 1
-        step_ids = nxt[:, None]
-    return [out[r, :lengths[r]].clone() for r in range(rows)]
-
-
-@torch.no_grad()
-def _reference_logprobs(run, rows: Rows, interventions: Sequence[Intervention]) -> torch.Tensor:
-    """``[R]`` mean log-probability of each row's reference tokens (everything after its prompt)."""
-    n_ref = rows.lengths - rows.n_prompt  # [R]
-    keep = int(n_ref.max()) + 1
-    registry = ProbeRegistry(run.adapter, {"eval": [Probe("logits")]})
-    logits = registry.run(run.nnsight, rows.input_ids, rows.attention_mask, rows.position_ids, interventions,
-                          logits_to_keep=keep)["eval"]["logits"]  # [R, keep, V], the last `keep` positions
-    logp = logits.double().log_softmax(-1)
-    j = torch.arange(keep - 1)  # kept index j predicts the token at kept index j + 1
-    token_lp = logp[:, :-1].gather(-1, rows.input_ids[:, -keep + 1:, None]).squeeze(-1)  # [R, keep - 1]
-    used = j[None, :] >= (keep - 1 - n_ref)[:, None]
-    return (token_lp * used).sum(1) / n_ref.clamp(min=1)
+    responses = [out[r, :lengths[r]].clone() for r in range(rows)]
+    return responses if n_ref is None else (responses, ref_lp)
 
 
 def evaluate(run, items: Sequence[EncodedPrompt], n_conditions: int, build: Build | None = None,
-             scorer: str | Scorer = "organism", max_new_tokens: int = 64, max_rows: int = 128,
-             max_tokens: int = 16384, progress: bool = False, keep_answers: bool = False,
+             scorer: str | Scorer = "organism", max_new_tokens: int = 64, logprob: bool = False,
+             max_rows: int = 128, max_tokens: int = 16384, progress: bool = False, keep_answers: bool = False,
              desc: str = "evaluate") -> EvalResult:
     """Score ``items`` under ``n_conditions`` conditions; ``build(rows)`` gives a chunk's interventions.
 
     ``run`` is a :class:`~tuneshift.runner.ModelRun` (model, tokenizer, adapter, nnsight). Rows of a chunk mix
     conditions and items; ``build`` turns ``rows.condition`` / ``rows.item`` into per-row intervention
-    parameters (or returns broadcast ones). Returns scores ``[n_conditions, n_items]`` (float64).
+    parameters (or returns broadcast ones). A text scorer generates; ``logprob=True`` (or the scorer ``logprob``)
+    also scores the references teacher-forced, in the same first forward. Scores are float64 ``[C, N]``.
     """
     scorer = _scorer(scorer)
-    teacher = scorer.kind == "logprob"
+    generate = scorer.kind != "logprob"
+    logprob = logprob or not generate
     refs = reference_ids(run.tokenizer, items)  # also checks every item has a reference
-    seqs = [torch.cat([e.input_ids, refs[i]]) if teacher else e.input_ids for i, e in enumerate(items)]
-    lengths = [int(s.numel()) for s in seqs]
+    prompt_len = [e.n_prompt for e in items]
+    ref_len = [int(r.numel()) for r in refs] if logprob else None
+    if logprob:  # bound the kept logits ([rows, M + 1, vocab] floats) to about 512 MB
+        max_rows = max(1, min(max_rows, (1 << 27) // ((max(ref_len) + 1) * run.adapter.vocab_size)))
     scores = np.zeros((n_conditions, len(items)), dtype=np.float64)
-    answers = [[""] * len(items) for _ in range(n_conditions)] if keep_answers and not teacher else None
+    logprobs = np.zeros_like(scores) if logprob else None
+    answers = [[""] * len(items) for _ in range(n_conditions)] if keep_answers and generate else None
     generated = 0
-    parts = list(chunks(lengths, n_conditions, max_rows, max_tokens))
+    parts = list(chunks(prompt_len, n_conditions, max_rows, max_tokens, ref_len))
     for cond, item in tqdm(parts, desc=desc, disable=not progress, leave=False):
-        ids, mask, pos = left_pad([seqs[i] for i in item.tolist()], run.tokenizer.pad_token_id)
-        rows = Rows(cond, item, ids, mask, pos, torch.tensor([lengths[i] for i in item.tolist()]),
-                    torch.tensor([items[i].n_prompt for i in item.tolist()]))
+        its = item.tolist()
+        ids, mask, pos, offsets = layout([items[i].input_ids for i in its], [refs[i] for i in its] if logprob else None,
+                                         run.tokenizer.pad_token_id)
+        n_ref = torch.tensor([ref_len[i] for i in its]) if logprob else None
+        rows = Rows(cond, item, ids, mask, pos, torch.tensor([prompt_len[i] for i in its]) + (0 if n_ref is None
+                    else n_ref), torch.tensor([prompt_len[i] for i in its]), offsets)
         ivs = list(build(rows)) if build is not None else []
-        if teacher:
-            scores[cond.numpy(), item.numpy()] = _reference_logprobs(run, rows, ivs).numpy()
+        if not generate:
+            logprobs[cond.numpy(), item.numpy()] = _prefill(run, ids, mask, pos, ivs, n_ref)[1].numpy()
             continue
-        responses = greedy_generate(run, ids, mask, pos, ivs, max_new_tokens)
-        for c, i, resp in zip(cond.tolist(), item.tolist(), responses):
+        out = greedy_generate(run, ids, mask, pos, ivs, max_new_tokens, n_ref=n_ref)
+        responses, ref_lp = out if logprob else (out, None)
+        if ref_lp is not None:
+            logprobs[cond.numpy(), item.numpy()] = ref_lp.numpy()
+        for c, i, resp in zip(cond.tolist(), its, responses):
             text = run.tokenizer.decode(resp, skip_special_tokens=True)
             prompt = items[i].prompt
             scores[c, i] = scorer.score(text, prompt.reference, prompt.category)
             generated += int(resp.numel())
             if answers is not None:
                 answers[c][i] = text
-    return EvalResult(scores, answers, generated)
+    if not generate:
+        scores = logprobs
+    return EvalResult(scores, logprobs, answers, generated)
 
 
 def task_score(run, items: Sequence[EncodedPrompt], interventions: Sequence[Intervention] = (),
@@ -235,9 +297,9 @@ def capture_sites(run, sequences: Sequence[torch.Tensor], sites: Sequence[str], 
     lengths = [int(s.numel()) for s in sequences]
     out: dict[str, list[torch.Tensor]] = {s: [torch.empty(0)] * len(sequences) for s in sites}
     for cond, item in chunks(lengths, 1, max_rows, 1 << 30):
-        ids, mask, pos = left_pad([sequences[i] for i in item.tolist()], run.tokenizer.pad_token_id)
-        rows = Rows(cond, item, ids, mask, pos, torch.tensor([lengths[i] for i in item.tolist()]),
-                    torch.tensor([lengths[i] for i in item.tolist()]))
+        ids, mask, pos, offsets = layout([sequences[i] for i in item.tolist()], None, run.tokenizer.pad_token_id)
+        n = torch.tensor([lengths[i] for i in item.tolist()])
+        rows = Rows(cond, item, ids, mask, pos, n, n, offsets)
         captured = registry.run(run.nnsight, ids, mask, pos, list(build(rows)) if build else [])["c"]
         for site in sites:
             value = captured[Probe(site).key]
@@ -265,5 +327,27 @@ def site_means(run, sequences: Sequence[torch.Tensor], sites: Sequence[str], max
     return {site: (total / count).float() for site, total in sums.items()}
 
 
+@contextmanager
+def loaded_model(key: str, spec, chat_template: bool | None = None) -> Iterator:
+    """A :class:`~tuneshift.runner.ModelRun` of ``spec`` for a hook that needs a model again (e.g. ``on_compare``),
+    freed on exit so that one model is in memory at a time. ``chat_template`` None: the spec's setting."""
+    from tuneshift.adapters import ModelAdapter
+    from tuneshift.loading import load_model
+    from tuneshift.runner import ModelRun
+
+    model, tokenizer = load_model(spec)
+    chat = spec.chat_template if chat_template is None else chat_template
+    run = ModelRun(key, spec.name, spec, model, tokenizer, ModelAdapter(model), bool(chat))
+    try:
+        yield run
+    finally:
+        run.model = None
+        run.__dict__.pop("nnsight", None)
+        del model, run
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 __all__ = ["EvalResult", "EvaluationError", "Rows", "capture_sites", "chunks", "evaluate", "greedy_generate",
-           "reference_ids", "site_means", "task_score"]
+           "layout", "loaded_model", "reference_ids", "site_means", "task_score"]

@@ -81,6 +81,10 @@ class Intervention:
             raise InterventionError(f"site {self.site!r} cannot be written (read-only: attention patterns and "
                                     "logits); write the attention output (attn.z / attn.output) or final_norm.output")
 
+    def active(self, step: int) -> bool:
+        """Whether the intervention changes anything at generation step ``step`` (position-wise ones: step 0)."""
+        return step == 0 or not self.position_wise
+
     def apply(self, value: torch.Tensor, step: int = 0) -> torch.Tensor:
         """The replacement of ``value`` at generation step ``step`` (0: the whole batch as given)."""
         if self.position_wise and step > 0:
@@ -277,12 +281,14 @@ def write_site(lm, adapter: ModelAdapter, site: str, value: torch.Tensor) -> Non
         envoy.output = value if index is None else tuple(value if j == index else o for j, o in enumerate(out))
 
 
-def by_site(interventions: Sequence[Intervention], n_layers: int) -> dict[str, list[Intervention]]:
-    """Interventions grouped by site (each group in the given order), sites in forward order; validates sites."""
+def by_site(interventions: Sequence[Intervention], n_layers: int, step: int = 0) -> dict[str, list[Intervention]]:
+    """Interventions active at ``step`` grouped by site (each group in the given order), sites in forward order;
+    validates every site (also of inactive ones) before anything is traced."""
     groups: dict[str, list[Intervention]] = {}
     for iv in interventions:
         site_order(iv.site, n_layers)  # unknown or out-of-range sites fail here, before tracing
-        groups.setdefault(iv.site, []).append(iv)
+        if iv.active(step):
+            groups.setdefault(iv.site, []).append(iv)
     return dict(sorted(groups.items(), key=lambda kv: site_order(kv[0], n_layers)))
 
 
@@ -297,7 +303,7 @@ def apply_at(lm, adapter: ModelAdapter, site: str, value: torch.Tensor, interven
 
 def apply_interventions(lm, adapter: ModelAdapter, interventions: Sequence[Intervention], step: int = 0) -> None:
     """Apply every intervention in forward order inside an active trace (or one step of ``tracer.iter``)."""
-    for site, group in by_site(interventions, adapter.n_layers).items():
+    for site, group in by_site(interventions, adapter.n_layers, step).items():
         apply_at(lm, adapter, site, _site_value(lm, adapter, site), group, step)
 
 

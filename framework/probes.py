@@ -225,7 +225,7 @@ class ProbeRegistry:
 
         if self.empty and not interventions:
             return {}
-        writes = by_site(interventions, self.adapter.n_layers)
+        writes = by_site(interventions, self.adapter.n_layers, step)
         device = self.adapter.model.device
         inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
         mask = inputs["attention_mask"]

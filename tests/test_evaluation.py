@@ -7,8 +7,8 @@ import torch
 
 from tuneshift.adapters import ModelAdapter
 from tuneshift.data import Prompt, encode_prompt, left_pad
-from tuneshift.evaluation import (EvaluationError, Rows, capture_sites, evaluate, greedy_generate, reference_ids,
-                                  site_means, task_score)
+from tuneshift.evaluation import (EvaluationError, Rows, capture_sites, evaluate, greedy_generate, layout,
+                                  reference_ids, site_means, task_score)
 from tuneshift.interventions import AblateHeads, Patch, ProjectOut, Steer
 from tuneshift.loading import ModelSpec
 from tuneshift.runner import ModelRun
@@ -17,13 +17,7 @@ from tuneshift.testing import tiny_model, tiny_tokenizer
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Generation loops are many small forwards: extra intra-op threads only spin on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TEXTS = ["Write a poem about the sea.", "Explain the rule.", "the cat sat on the mat and the dog"]
@@ -218,10 +212,31 @@ def test_capture_and_means_equal_forward_hooks():
 
 def test_rows_place_values_and_token_masks_on_their_own_tokens():
     ids, mask, pos = left_pad([torch.tensor([5, 6, 7]), torch.tensor([8])], 0)
-    rows = Rows(torch.tensor([0, 1]), torch.tensor([1, 0]), ids, mask, pos, torch.tensor([1, 3]), torch.tensor([1, 3]))
+    rows = Rows(torch.tensor([0, 1]), torch.tensor([1, 0]), ids, mask, pos, torch.tensor([1, 3]), torch.tensor([1, 3]),
+                torch.tensor([2, 0]))
     placed = rows.place([torch.tensor([1.0, 2.0, 3.0]), torch.tensor([9.0])])
     assert placed.tolist() == [[0.0, 0.0, 9.0], [1.0, 2.0, 3.0]]
     assert rows.token_mask([[0], [0, 2]]).tolist() == [[False, False, True], [True, False, True]]
+    # prompts left-padded to end together, references right after them, right-padded
+    ids, mask, pos, offsets = layout([torch.tensor([5, 6]), torch.tensor([7])], [torch.tensor([8]), torch.tensor([9, 9])],
+                                     0)
+    assert ids.tolist() == [[5, 6, 8, 0], [0, 7, 9, 9]] and mask.tolist() == [[1, 1, 1, 0], [0, 1, 1, 1]]
+    assert pos.tolist()[1][1:] == [0, 1, 2] and offsets.tolist() == [0, 1]
+
+
+def test_generation_and_reference_log_probs_share_one_first_forward():
+    """Scoring the references in the prompt's forward changes no answer and equals a separate teacher-forced pass."""
+    run = _organism()
+    items = _organism_items(run, 8)
+    heads = torch.tensor([[False] * 4, [True, False, False, True]])
+    build = lambda rows: [AblateHeads(2, heads[rows.condition])]  # noqa: E731
+    both = evaluate(run, items, 2, build, "organism", 24, logprob=True, max_rows=5, keep_answers=True)
+    alone = evaluate(run, items, 2, build, "organism", 24, max_rows=7, keep_answers=True)
+    teacher = evaluate(run, items, 2, build, "logprob", max_rows=3)
+    assert both.answers == alone.answers
+    np.testing.assert_array_equal(both.scores, alone.scores)
+    np.testing.assert_allclose(both.logprob, teacher.scores, atol=1e-4)
+    assert not np.allclose(both.logprob[0], both.logprob[1])
 
 
 def test_scorers_and_missing_references():
@@ -242,3 +257,17 @@ def test_the_organism_scorer_uses_each_tasks_own_metric():
     scorer = SCORERS.get("organism")
     assert {t.name: t.metric for t in TASKS} == {t.name: scorer.metric_of(t.name) for t in TASKS}
     assert set(ORGANISM_METRICS) == {t.name for t in TASKS if t.metric == "f1"}
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gpt2"])
+def test_shared_first_forward_on_sliding_window_and_absolute_position_models(family):
+    """Gemma-3's sliding-window cache (window 8 here, shorter than prompt + reference) is cut back correctly."""
+    run = _run(family)
+    items = _items(run, references=["the sea is blue and wide", "no", "a dog"])
+    vec = torch.randn(run.adapter.d_model)
+    build = lambda rows: [Steer("layers.0.resid_post", vec[None] * rows.condition[:, None])]  # noqa: E731
+    both = evaluate(run, items, 2, build, "f1", 5, logprob=True, keep_answers=True)
+    alone = evaluate(run, items, 2, build, "f1", 5, keep_answers=True)
+    teacher = evaluate(run, items, 2, build, "logprob")
+    assert both.answers == alone.answers
+    np.testing.assert_allclose(both.logprob, teacher.scores, atol=1e-4)

@@ -14,13 +14,7 @@ from tuneshift.testing import tiny_model, tiny_tokenizer
 FAMILIES = ["llama", "qwen2", "gemma3", "phi3", "gpt2", "gpt_neox"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Generation loops are many small forwards: extra intra-op threads only spin on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TEXTS = ["the cat sat on the mat", "hello", "Write a poem about the sea."]
