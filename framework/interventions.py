@@ -68,7 +68,7 @@ def _rows(tensor: torch.Tensor | None, index: torch.Tensor, dim: int) -> torch.T
     return tensor.index_select(0, index.to(tensor.device))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Intervention:
     """A write at ``site``: :meth:`apply` maps the site's value to its replacement (same shape and dtype)."""
 
@@ -104,7 +104,7 @@ class Intervention:
                                     f"batch has {value.shape[0]}; give one row per batch row, or none to broadcast")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class AblateHeads(Intervention):
     """Zero- or mean-ablate attention heads: their output before ``o_proj`` replaced (site ``layers.{i}.attn.z``).
 
@@ -142,7 +142,7 @@ class AblateHeads(Intervention):
         return replace(self, heads=_rows(self.heads, index, 1))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ProjectOut(Intervention):
     """Remove the components along the orthonormal columns of ``basis`` ``[d, k]`` (or ``[R, d, k]``): x - V V^T x.
 
@@ -186,7 +186,7 @@ def _position_mask(value: torch.Tensor, positions: torch.Tensor, who: str) -> to
     return positions.view(*positions.shape, *[1] * (value.dim() - 2))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Steer(Intervention):
     """Add ``scale * vector`` (``[d]`` or ``[R, d]``) at every position, or at ``positions`` ``[R, T]`` only."""
 
@@ -210,7 +210,7 @@ class Steer(Intervention):
         return replace(self, vector=_rows(self.vector, index, 1), positions=_rows(self.positions, index, 1))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Patch(Intervention):
     """Replace the site's value by ``source`` (another run's activations on the same tokens and layout).
 
@@ -235,7 +235,7 @@ class Patch(Intervention):
         return replace(self, source=_rows(self.source, index, 1), positions=_rows(self.positions, index, 1))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CorruptPositions(Intervention):
     """Corrupt the tokens at ``positions`` ``[R, T]``: replace by ``fill`` ``[d]`` (e.g. the mean embedding), and/or
     add Gaussian noise of std ``noise_std`` (seeded; ROME's corruption when ``fill`` is None)."""

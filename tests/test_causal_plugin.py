@@ -211,6 +211,10 @@ def test_end_to_end_on_a_tiny_pair_writes_effects_section_and_reuses_scores(tmp_
     section = json.loads((out / "section.json").read_text())
     assert any(h["label"].startswith("heads: extra task-score drop") for h in section["headlines"])
     assert {f["path"] for f in section["figures"]} == {"heads.png", "ffn.png", "tokens.png", "patching.png"}
+    media = [json.loads(line) for line in (tmp_path / "job" / "logs" / "media.jsonl").read_text().splitlines()]
+    logged = {m["key"] for m in media if m["key"].startswith("causal/")}
+    assert {"causal/compare/base__tuned/effects", "causal/compare/base__tuned/patching",
+            "causal/compare/base__tuned/heads"} <= logged  # W&B tables and plots go through ctx.logger
     meta = json.loads((out / "scores_heads.json").read_text())
     # a re-run of the comparison reuses the stored per-item scores (same fingerprint)
     (out / "_DONE").unlink()
