@@ -4,7 +4,8 @@ What it is for
     A plugin says *what* it wants (``Probe("layers.3.mlp.output", reduce="mean")``); the registry decides
     *how*: one ``model.trace`` per batch, sites read in forward order (nnsight raises ``OutOfOrderError``
     otherwise), under ``torch.no_grad()`` unless a probe asks for a gradient, captures detached and moved
-    to the CPU (or kept on the device) and handed back per plugin.
+    to the CPU (or kept on the device) and handed back per plugin. Writes (ablations, projections, steering,
+    patches: :mod:`tuneshift.interventions`) join the same trace, applied in forward order before the reads.
 
 Sites (``B`` batch, ``T`` positions, ``d`` d_model, ``H`` query heads, ``d_h`` d_head, ``V`` vocabulary)::
 
@@ -221,11 +222,11 @@ class ProbeRegistry:
         reads at their site, so every read and gradient sees them; ``step`` is the generation step they are
         applied at (0: the batch's own tokens) and ``forward_kwargs`` go to the model (a KV cache, for example).
         """
-        from tuneshift.interventions import apply_at, by_site
+        from tuneshift.interventions import apply_at, by_site as group_writes
 
         if self.empty and not interventions:
             return {}
-        writes = by_site(interventions, self.adapter.n_layers, step)
+        writes = group_writes(interventions, self.adapter.n_layers, step)
         device = self.adapter.model.device
         inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
         mask = inputs["attention_mask"]
