@@ -4,7 +4,8 @@ What it is for
     A plugin says *what* it wants (``Probe("layers.3.mlp.output", reduce="mean")``); the registry decides
     *how*: one ``model.trace`` per batch, sites read in forward order (nnsight raises ``OutOfOrderError``
     otherwise), under ``torch.no_grad()`` unless a probe asks for a gradient, captures detached and moved
-    to the CPU (or kept on the device) and handed back per plugin.
+    to the CPU (or kept on the device) and handed back per plugin. Writes (ablations, projections, steering,
+    patches: :mod:`tuneshift.interventions`) join the same trace, applied in forward order before the reads.
 
 Sites (``B`` batch, ``T`` positions, ``d`` d_model, ``H`` query heads, ``d_h`` d_head, ``V`` vocabulary)::
 
@@ -44,7 +45,7 @@ from __future__ import annotations
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import nnsight
 import torch
@@ -218,35 +219,44 @@ class ProbeRegistry:
     def needs_attention_pattern(self) -> bool:
         return any(p.site.endswith("attn.pattern") for p in self.forward + self.backward)
 
-    def run(self, lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            position_ids: torch.Tensor, tail: int | None = None) -> dict[str, Captures]:
+    def run(self, lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+            interventions: Sequence = (), step: int = 0, tail: int | None = None,
+            **forward_kwargs) -> dict[str, Captures]:
         """One trace over a (left-padded) batch; returns ``{owner: Captures}`` with detached tensors.
 
         ``tail`` is the number of last positions a ``reduce="tail"`` probe keeps (query positions of patterns).
+        ``interventions`` (:mod:`tuneshift.interventions`) write in forward order in the same trace, before the
+        reads at their site, so every read and gradient sees them; ``step`` is the generation step they are
+        applied at (0: the batch's own tokens) and ``forward_kwargs`` go to the model (a KV cache, for example).
         """
-        if self.empty:
+        from tuneshift.interventions import apply_at, by_site as group_writes
+
+        if self.empty and not interventions:
             return {}
         if tail is None and any(p.reduce == "tail" for p in self.forward + self.backward):
             raise ProbeError("a probe asks for reduce='tail' but the batch has no responses (tail=None); tail "
                              "probes need a plugin with needs_responses = True")
+        writes = group_writes(interventions, self.adapter.n_layers, step)
         device = self.adapter.model.device
         inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
         mask = inputs["attention_mask"]
         grad_ctx = nullcontext() if self.needs_grad else torch.no_grad()
         grad_sites = {p.site for p in self.backward}
-        sites = {p.site for p in self.forward} | grad_sites | ({"embed.output"} if grad_sites else set())
+        sites = {p.site for p in self.forward} | grad_sites | ({"embed.output"} if grad_sites else set()) | set(writes)
         if grad_sites:
             sites.add("logits")
         by_site: dict[str, list[Probe]] = {}
         for probe in self.forward:
             by_site.setdefault(probe.site, []).append(probe)
-        with grad_ctx, lm.trace(inputs, position_ids=position_ids.to(device)):
+        with grad_ctx, lm.trace(inputs, position_ids=position_ids.to(device), **forward_kwargs):
             raw = nnsight.save({})
             values = {}
             for site in sorted(sites, key=lambda s: site_order(s, self.adapter.n_layers)):  # forward order
                 value = _site_value(lm, self.adapter, site)
                 if site == "embed.output" and grad_sites:
                     value.requires_grad_(True)  # frozen weights: give autograd a leaf to flow to
+                if site in writes:
+                    value = apply_at(lm, self.adapter, site, value, writes[site], step)
                 for probe in by_site.get(site, []):
                     raw[probe.key] = _reduce(value, probe.reduce, mask, tail, site.endswith("pattern")).save()
                 if site in grad_sites or site == "logits":

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -48,3 +49,13 @@ def reference() -> Path:
     if not (REFERENCE / "datasets" / "FinalDataset.tsv").is_file():
         pytest.skip(f"the paper's reference data is not at {REFERENCE} (set TUNESHIFT_REFERENCE)")
     return REFERENCE
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of many small forwards (generation loops): extra intra-op threads only spin
+    on a busy machine. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,50 +1,24 @@
 """Held-out evaluation: both models answer the same chat-formatted prompts greedily; answers are scored per task.
 
-Scores: ``exact`` compares the answer with the reference after stripping white space at both ends of the text
-and of every line (case and punctuation count, and line breaks count, so a ``list`` answer is not a ``repeat``
-answer); ``f1`` is the SQuAD token F1 (lower case, punctuation removed, bag of words), used for the recall
-tasks ``define`` and ``describe`` whose exact gloss or wiki sentence a 4 M-parameter model rarely reproduces.
+Scores (the functions live in the core, :mod:`tuneshift.scoring`, so causal tests score alike): ``exact`` compares
+the answer with the reference after stripping white space at both ends of the text and of every line (case and
+punctuation count, and line breaks count, so a ``list`` answer is not a ``repeat`` answer); ``f1`` is the SQuAD
+token F1 (lower case, punctuation removed, bag of words), used for the recall tasks ``define`` and ``describe``
+whose exact gloss or wiki sentence a 4 M-parameter model rarely reproduces.
 """
 from __future__ import annotations
 
-import re
-import string
-from collections import Counter, defaultdict
+from collections import defaultdict
 from typing import Sequence
 
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+from tuneshift.scoring import exact_match, token_f1
+
 from .tasks import TASKS_BY_NAME, Example
 
-_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
-
-
-def normalize_lines(text: str) -> str:
-    """Strip the text and each of its lines; drop empty lines."""
-    return "\n".join(line.strip() for line in text.strip().splitlines() if line.strip())
-
-
-def exact_match(prediction: str, reference: str) -> float:
-    """1.0 if the answer equals the reference up to surrounding white space of the text and its lines."""
-    return float(normalize_lines(prediction) == normalize_lines(reference))
-
-
-def f1_tokens(text: str) -> list[str]:
-    """Lower-cased words with punctuation removed."""
-    return _PUNCTUATION.sub(" ", text.lower()).split()
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    """Harmonic mean of word precision and recall over the bags of words (1.0 if both are empty)."""
-    pred, ref = f1_tokens(prediction), f1_tokens(reference)
-    if not pred or not ref:
-        return float(pred == ref)
-    overlap = sum((Counter(pred) & Counter(ref)).values())
-    if overlap == 0:
-        return 0.0
-    precision, recall = overlap / len(pred), overlap / len(ref)
-    return 2 * precision * recall / (precision + recall)
+__all__ = ["exact_match", "generate_answers", "score_answers", "token_f1"]
 
 
 @torch.no_grad()

@@ -7,7 +7,6 @@ Student's t over annotation seeds. A model's section gives its explainable share
 """
 from __future__ import annotations
 
-from typing import Any
 
 from tuneshift.plugins.ffn_concepts import stats
 from tuneshift.results import ResultStore

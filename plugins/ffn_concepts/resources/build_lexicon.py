@@ -122,7 +122,7 @@ def build(wn: Path, words: list[str]) -> list[str]:
 
 def main(wordnet_dir: str = "/usr/share/wordnet") -> None:
     root = Path(__file__).resolve().parents[3]
-    words = [l.split("\t")[0] for l in (root / "framework/resources/words_en.tsv").read_text().splitlines() if l]
+    words = [ln.split("\t")[0] for ln in (root / "framework/resources/words_en.tsv").read_text().splitlines() if ln]
     lines = build(Path(wordnet_dir), words)
     out = Path(__file__).with_name("lexicon.tsv.gz")
     with gzip.GzipFile(out, "wb", mtime=0) as handle:  # mtime=0: byte-identical rebuilds
