@@ -11,21 +11,17 @@ result is marked done with a fingerprint of everything it depends on (the plugin
 the prompts as loaded, generation), and generated responses are cached in ``responses/<model>.jsonl`` with
 theirs, so a re-run skips exactly what is still valid.
 
-Shared responses (``generation.response_source``, :mod:`tuneshift.responses`): a model scored on another
-model's response renders its prompts in that model's input format and takes its cached response; when the
-source model has not run yet, it is loaded first just to generate them (a first pass), so the models still
-run in config order, one in memory at a time.
+Prompts and responses (:mod:`tuneshift.prompting`): each model gets its prompts fitted to its context and the
+responses of ``generation.response_source``; a source model that has not run yet is loaded first just to
+generate them, so the models still run in config order, one in memory at a time.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
-from functools import cached_property
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -33,8 +29,7 @@ from tqdm.auto import tqdm
 
 from tuneshift.adapters import ModelAdapter
 from tuneshift.config import GenerationConfig, RunConfig
-from tuneshift.context import context_limit, fit_context
-from tuneshift.data import EncodedPrompt, Prompt, encode_prompt
+from tuneshift.data import Prompt
 from tuneshift.errors import ConfigError, RunFolderError
 from tuneshift.fingerprint import fingerprint, prompts_fingerprint, settings_dict
 from tuneshift.generation import Batch, generate_responses, make_batches
@@ -43,60 +38,13 @@ from tuneshift.loggers import Logger, LocalLogger
 from tuneshift.memory import release_memory
 from tuneshift.plugin import HookTimer, Plugin
 from tuneshift.probes import Captures, ProbeRegistry
-from tuneshift.responses import (REFERENCE, apply_own, apply_reference, apply_shared, cache_path,
-                                 check_response_source, encode_shared, format_model, paired_with, read_cache,
-                                 source_of, write_cache)
+from tuneshift.modelrun import ModelRun, RunContext
+from tuneshift.prompting import PromptPreparer
+from tuneshift.responses import (REFERENCE, check_response_source, format_model, paired_with, source_of)
 from tuneshift.results import ResultStore, atomic_write_bytes, atomic_write_json
 from tuneshift.sections import Headline, Section
 
 log = logging.getLogger("tuneshift")
-
-
-@dataclass
-class ModelRun:
-    """One loaded model and everything plugins need about it (see docs/plugins.md)."""
-
-    key: str
-    name: str
-    spec: ModelSpec
-    model: Any
-    tokenizer: Any
-    adapter: ModelAdapter
-    chat_template: bool
-    encoded: list[EncodedPrompt] = field(default_factory=list)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    @cached_property
-    def nnsight(self):
-        """An nnsight ``TransformersModel`` around the already loaded model (built on first use)."""
-        from nnsight import TransformersModel
-
-        return TransformersModel(self.model, tokenizer=self.tokenizer)
-
-
-@dataclass
-class RunContext:
-    """What every hook receives: where results go, the prompts, the pairs and the run's settings."""
-
-    store: ResultStore
-    logger: Logger
-    output_dir: Path
-    prompts: list[Prompt]
-    pairs: list[tuple[str, str]]
-    generation: GenerationConfig
-    settings: RunConfig
-    models: dict[str, ModelSpec] = field(default_factory=dict)
-
-    @property
-    def progress(self) -> bool:
-        return self.settings.progress
 
 
 @dataclass
@@ -138,9 +86,10 @@ class Runner:
         self.provenance = provenance
         self.timer = HookTimer()
         self.findings: list[Finding] = []
-        self._response_rows: dict[str, list[dict]] = {}  # responses generated or read in this run, by model
         self._check_inputs()
         self.data_fingerprint = prompts_fingerprint(self.prompts)
+        self.prep = PromptPreparer(self.models, self.pairs, self.generation, self.prompts, self.data_fingerprint,
+                                   self.output_dir, self.settings.resume)
         self.settings_hash = fingerprint({"models": self.models, "pairs": self.pairs, "data": self.data_fingerprint,
                                           "generation": self.generation, "run": self.settings,
                                           "plugins": {p.name: p.options for p in self.plugins}})
@@ -300,17 +249,17 @@ class Runner:
         traced = [p for p in pending if not p.weight_only]
         source = source_of(key, self.generation.response_source, self.pairs)
         if any(p.needs_responses for p in traced) and source not in (key, REFERENCE):
-            self._source_rows(ctx, source)  # before this model loads: one model in memory at a time
+            self.prep.source_rows(ctx, source)  # before this model loads: one model in memory at a time
         model, tokenizer = self._load(spec, traced)
-        chat = self._chat_flag(format_model(key, self.generation.response_source, self.pairs))
+        chat = self.prep.chat_flag(format_model(key, self.generation.response_source, self.pairs))
         run = ModelRun(key, spec.name, spec, model, tokenizer, ModelAdapter(model), chat)
         try:
             self._call(pending, "on_model_start", ctx, run)
             if traced:
                 if any(p.needs_responses for p in traced):
-                    self._responses(ctx, run)
+                    self.prep.prepare(ctx, run)
                 else:
-                    run.encoded = self._encode(run, ctx.prompts)
+                    run.encoded = self.prep.encode(run, ctx.prompts)
                 self._batches(ctx, run, traced)
             self._call(pending, "on_model_end", ctx, run)
             self.store.update_summary("models", {key: {"name": spec.name, **run.adapter.describe()}})
@@ -319,74 +268,6 @@ class Runner:
         finally:
             del run, model
             release_memory()  # the model's memory back to the OS before the next one loads
-
-    def _encode(self, run: ModelRun, prompts: Sequence[Prompt]) -> list[EncodedPrompt]:
-        """Each prompt as ``run``'s model sees it, checked against its context (or cut to fit, when asked)."""
-        return self._fit(run, [encode_prompt(run.tokenizer, p, run.chat_template) for p in prompts],
-                         self.generation.truncate_prompts)
-
-    def _fit(self, run: ModelRun, encoded: list[EncodedPrompt], truncate: bool) -> list[EncodedPrompt]:
-        limit, source = context_limit(run.model, run.tokenizer)
-        return fit_context(encoded, run.tokenizer, limit, source, self.generation.max_new_tokens, run.chat_template,
-                           truncate, run.name)
-
-    def _chat_flag(self, key: str) -> bool:
-        chat = self.generation.chat_template
-        return bool(self.models[key].chat_template if chat is None else chat)
-
-    def _responses(self, ctx: RunContext, run: ModelRun) -> None:
-        """Encode the prompts and give each its response: the model's own, another model's, or the reference."""
-        source = source_of(run.key, self.generation.response_source, self.pairs)
-        if source == run.key:
-            run.encoded = self._encode(run, ctx.prompts)
-            self._own_responses(ctx, run)
-            return
-        rows = None if source == REFERENCE else self._source_rows(ctx, source)
-        # the source's prompts were fitted already: here a prompt that does not fit is an error, never cut
-        run.encoded = self._fit(run, encode_shared(run.tokenizer, ctx.prompts, run.chat_template, rows), False)
-        if rows is None:
-            apply_reference(run.encoded, run.tokenizer)
-        else:
-            apply_shared(run.encoded, rows, run.tokenizer)
-
-    def _own_fingerprint(self, spec: ModelSpec, chat: bool) -> str:
-        gen = dataclasses.replace(self.generation, response_source="own")  # a response does not depend on who reads it
-        return fingerprint(spec, gen, self.data_fingerprint, chat)
-
-    def _cached_rows(self, key: str, chat: bool) -> list[dict] | None:
-        """``key``'s own responses from this run or, on resume, from its valid cache file."""
-        rows = self._response_rows.get(key)
-        if rows is None and self.settings.resume:
-            rows = read_cache(cache_path(self.output_dir, key), self._own_fingerprint(self.models[key], chat),
-                              [p.id for p in self.prompts])
-        return rows
-
-    def _own_responses(self, ctx: RunContext, run: ModelRun) -> None:
-        """Generate each prompt's response, or reuse the cached ones of an identical earlier run."""
-        gen, fp = self.generation, self._own_fingerprint(run.spec, run.chat_template)
-        rows = self._cached_rows(run.key, run.chat_template)
-        if rows is not None and rows[0].get("fingerprint") == fp:
-            apply_own(run.encoded, rows)
-        else:
-            generate_responses(run, gen.max_new_tokens, gen.batch_size, ctx.progress)
-            rows = write_cache(cache_path(self.output_dir, run.key), fp, run)
-        self._response_rows[run.key] = rows
-
-    def _source_rows(self, ctx: RunContext, source: str) -> list[dict]:
-        """``source``'s own responses: from this run, its cache, or a first pass that loads it just to generate."""
-        rows = self._cached_rows(source, self._chat_flag(source))
-        if rows is not None:
-            self._response_rows[source] = rows
-        else:
-            spec = self.models[source]
-            model, tokenizer = load_model(spec)
-            try:
-                run = ModelRun(source, spec.name, spec, model, tokenizer, ModelAdapter(model), self._chat_flag(source))
-                self._responses(ctx, run)
-            finally:
-                del model
-                release_memory()
-        return self._response_rows[source]
 
     def _batches(self, ctx: RunContext, run: ModelRun, plugins: list[Plugin]) -> None:
         registry = ProbeRegistry(run.adapter, {p.name: p.probes(run) for p in plugins})

@@ -173,11 +173,13 @@ def test_a_model_in_two_pairs_with_two_sources_is_refused(tmp_path):
 
 
 def test_resume_recomputes_the_first_model_when_its_cache_is_gone(tmp_path, monkeypatch):
+    import tuneshift.prompting as prompting_module
     import tuneshift.runner as runner_module
 
     loads = []
     real = runner_module.load_model
-    monkeypatch.setattr(runner_module, "load_model", lambda spec, *a: loads.append(spec.name) or real(spec, *a))
+    for module in (runner_module, prompting_module):  # the runner's loads and the first pass's
+        monkeypatch.setattr(module, "load_model", lambda spec, *a: loads.append(spec.name) or real(spec, *a))
     cfg = _cfg(tmp_path, {"token_shift": {"attribution": False}})
     run(cfg)
     assert loads == ["t", "b", "t"]  # a first pass generates the tuned responses the base model is scored on
