@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -41,8 +42,11 @@ def test_the_core_never_imports_plugins_and_plugins_never_import_each_other():
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist")
+    source = tmp_path_factory.mktemp("src") / "tuneshift"  # a clean copy: no stale build/ of the checkout
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "outputs",
+                                                               "multirun", "wandb", "__pycache__", ".cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
-                    str(REPO)], check=True, capture_output=True, text=True, timeout=600)
+                    str(source)], check=True, capture_output=True, text=True, timeout=600)
     (path,) = out.glob("tuneshift-*.whl")
     return path
 
