@@ -251,7 +251,7 @@ def model_axis(args) -> None:
         t_hr = time_mining(adapter, tok, words, vectors, tau, None, args)
         rank = min(300, adapter.d_model)
 
-        def ffn_run():
+        def ffn_run(adapter=adapter):  # bound now: the loop deletes it after each model
             return time_top_words(adapter, tok, words, ffn_directions(adapter, rank, args.device),
                                   argparse.Namespace(repeats=1, device=args.device))
 

@@ -136,8 +136,8 @@ def test_shares_pool_writing_and_skip_unexplainable_rows():
         _ann("base", 0, 6, "numbers", "solving math problems", "semantics"),
     ]
     table = shares(pd.DataFrame(rows), group_size=4)
-    get = lambda kind, group, cat: table[(table["kind"] == kind) & (table["group"] == group)
-                                         & (table["category"] == cat)].iloc[0]
+    def get(kind, group, cat):
+        return table[(table["kind"] == kind) & (table["group"] == group) & (table["category"] == cat)].iloc[0]
     assert get("task", ALL, "writing")["share"] == pytest.approx(2 / 4)
     assert get("task", ALL, "coding")["share"] == pytest.approx(1 / 4)
     assert get("task", ALL, "math")["share"] == pytest.approx(1 / 4)

@@ -110,8 +110,8 @@ def test_layer_lens_equals_a_naive_loop(tmp_path, family):
                 top1.append(lens.argmax(-1))
             top1 = torch.stack(top1, 1)                                                    # [n, L]
             for n in range(len(cols)):
-                depth_naive[name].append(min(l for l in range(L) if all(top1[n, j] == top1[n, -1]
-                                                                        for j in range(l, L))))
+                depth_naive[name].append(min(k for k in range(L) if all(top1[n, j] == top1[n, -1]
+                                                                        for j in range(k, L))))
             slot_sums[name] = slot_sums[name] + resid[:, enc.n_prompt - 1].double()  # template:-1
         diff = (h["tuned"] - h["base"]).double()
         rel_naive.append((diff.norm(dim=-1) / h["base"].double().norm(dim=-1)).T)

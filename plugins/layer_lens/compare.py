@@ -31,8 +31,8 @@ def compare_models(store, plugin: str, base: str, tuned: str) -> tuple[dict[str,
         "top1_agreement_base": lens[base]["agree"].mean(0), "top1_agreement_tuned": lens[tuned]["agree"].mean(0),
         "rel_norm": diff["rel_norm"].mean(0), "cos": diff["cos"].mean(0)})
     cb, ct = pos[base]["commitment_layer"].to_numpy(), pos[tuned]["commitment_layer"].to_numpy()
-    counts = pd.DataFrame({"layer": layers, "base": [(cb == l).sum() for l in layers],
-                           "tuned": [(ct == l).sum() for l in layers]})
+    counts = pd.DataFrame({"layer": layers, "base": [(cb == layer).sum() for layer in layers],
+                           "tuned": [(ct == layer).sum() for layer in layers]})
     p = float(stats.wilcoxon(ct, cb).pvalue) if np.any(ct != cb) else 1.0
     adl = store.load_table(plugin, key, "adl")
     adl_top = adl[adl["rank"] < 5].reset_index(drop=True) if len(adl) else adl
