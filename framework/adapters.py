@@ -167,8 +167,9 @@ class ModelAdapter:
         self.n_heads: int = cfg.num_attention_heads
         self.n_kv_heads: int = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.d_head: int = getattr(cfg, "head_dim", None) or self.d_model // self.n_heads
-        self.d_ff: int = self.W_down(0).shape[0]
-        self.vocab_size: int = self.embedding_matrix().shape[0]
+        down = self.module(self.layer_path(0, "down")).weight.shape  # shapes only: a meta (remote) model has them
+        self.d_ff: int = down[0] if self.spec.conv1d else down[1]
+        self.vocab_size: int = self.module(self.spec.embed).weight.shape[0]
         self.positions = self.spec.positions
         self._validate()
 
@@ -349,7 +350,10 @@ class ModelAdapter:
 
     @property
     def tied_embeddings(self) -> bool:
-        return self.embedding_matrix().data_ptr() == self.unembedding_matrix().data_ptr()
+        try:
+            return self.embedding_matrix().data_ptr() == self.unembedding_matrix().data_ptr()
+        except UnsupportedArchitectureError:  # a remote model's weights are meta: its config says
+            return bool(getattr(self.config, "tie_word_embeddings", False))
 
     def describe(self) -> dict:
         """A JSON-able summary for logs and results."""

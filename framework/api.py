@@ -256,27 +256,35 @@ class Cache(dict):
 
 
 def capture(model: ModelLike, prompts: str | Sequence[str], probes: Sequence[str | Any], *, batch_size: int = 8,
-            chat_template: bool = False) -> Cache:
+            chat_template: bool = False, remote: str = "off") -> Cache:
     """Activations at ``probes`` (site names or :class:`~tuneshift.probes.Probe` objects) for every prompt.
 
     One nnsight trace per batch; prompts are left-padded to a common length ``T``, so every tensor is
-    ``[n_prompts, T, ...]`` with ``cache.attention_mask`` marking real tokens.
+    ``[n_prompts, T, ...]`` with ``cache.attention_mask`` marking real tokens. ``remote`` as ``run.remote``
+    (:mod:`tuneshift.remote`): ``"ndif"`` runs the traces on the NDIF host (``model`` is then a hub id).
     """
     from nnsight import TransformersModel
 
     from tuneshift.adapters import ModelAdapter
     from tuneshift.probes import Probe, ProbeRegistry
+    from tuneshift.remote import check_remote, load_remote, nnsight_remote
 
-    hf_model, tokenizer = load(model)
+    flag = nnsight_remote(remote)
+    if flag is True:
+        spec = as_spec(model)
+        check_remote(remote, [], {"model": spec})
+        hf_model, tokenizer, traced = load_remote(spec)
+    else:
+        hf_model, tokenizer = load(model)
+        traced = TransformersModel(hf_model, tokenizer=tokenizer)
     wanted = [p if isinstance(p, Probe) else Probe(str(p)) for p in probes]
     encoded = [encode_prompt(tokenizer, p, chat_template) for p in as_prompts(prompts)]
     ids, mask, pos = left_pad([e.input_ids for e in encoded], tokenizer.pad_token_id)
     registry = ProbeRegistry(ModelAdapter(hf_model), {"api": wanted})
-    traced = TransformersModel(hf_model, tokenizer=tokenizer)
     parts: list[dict[str, torch.Tensor]] = []
     for start in range(0, len(encoded), batch_size):
         rows = slice(start, start + batch_size)
-        parts.append(registry.run(traced, ids[rows], mask[rows], pos[rows])["api"])
+        parts.append(registry.run(traced, ids[rows], mask[rows], pos[rows], remote=flag)["api"])
     cache = Cache({key: torch.cat([part[key] for part in parts]) for key in parts[0]})
     cache.tokens, cache.attention_mask = ids, mask
     return cache

@@ -68,6 +68,7 @@ class RunConfig:
     resume: bool = neutral(True)  # skip what a previous run of the same settings finished
     report: bool = neutral(True)  # write report.html
     threads: int = neutral(0)  # torch CPU threads; 0: a safe default (half the cores, 1 on a 2-core machine)
+    remote: str = "off"  # off | local (nnsight's serialised dry run) | ndif (traces run on NDIF; tuneshift.remote)
 
 
 @dataclass

@@ -342,8 +342,7 @@ def loaded_model(key: str, spec, chat_template: bool | None = None) -> Iterator:
     try:
         yield run
     finally:
-        run.model = None
-        run.__dict__.pop("nnsight", None)
+        run.model = run.lm = None
         del model, run
         gc.collect()
         if torch.cuda.is_available():

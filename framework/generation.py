@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from tuneshift import remote
 from tuneshift.data import EncodedPrompt, left_pad
 
 if TYPE_CHECKING:
@@ -103,10 +104,13 @@ def generate_responses(run: "ModelRun", max_new_tokens: int, batch_size: int, pr
     pad = run.tokenizer.pad_token_id
     batches = list(make_batches(run.encoded, batch_size, pad))
     for batch in tqdm(batches, desc=f"generate {run.name}", disable=not progress, leave=False):
-        out = run.model.generate(input_ids=batch.input_ids.to(run.device),
-                                 attention_mask=batch.attention_mask.to(run.device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=sorted(stops) or None,
-                                 top_p=None, top_k=None, temperature=None)
+        options = dict(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                       eos_token_id=sorted(stops) or None, top_p=None, top_k=None, temperature=None)
+        if run.remote:  # shipped like any trace (tuneshift.remote): same greedy ids
+            out = remote.generate(run.nnsight, batch.input_ids, batch.attention_mask, run.remote, **options)
+        else:
+            out = run.model.generate(input_ids=batch.input_ids.to(run.device),
+                                     attention_mask=batch.attention_mask.to(run.device), **options)
         new = out[:, batch.input_ids.shape[1]:].cpu()
         for item, row in zip(batch.items, new):
             stop_at = [i for i, t in enumerate(row.tolist()) if t in stops]

@@ -19,7 +19,7 @@ def logit_lens(model: nn.Module, adapter: ModelAdapter | None = None) -> Callabl
     """``hidden [..., d] -> logits [..., V]`` through ``model``'s final norm and output layer (no autograd)."""
     adapter = adapter or ModelAdapter(model)
     norm = adapter.module(adapter.spec.final_norm)
-    param = next(model.parameters())
+    param = next(model.get_output_embeddings().parameters())  # the head's own (also when fetched for a remote model)
 
     @torch.no_grad()
     def to_logits(hidden: Tensor) -> Tensor:

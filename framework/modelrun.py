@@ -5,7 +5,6 @@ Both are made by the runner (:mod:`tuneshift.runner`, which re-exports them); pl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +30,35 @@ class ModelRun:
     adapter: ModelAdapter
     chat_template: bool
     encoded: list[EncodedPrompt] = field(default_factory=list)
+    remote: bool | str = False  # nnsight's remote= for every trace of this model (tuneshift.remote)
+    lm: Any = None  # the nnsight model; built on first use unless given (a remote model: meta weights)
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the model's device (the CPU for a remote model, whose weights are meta)."""
+        from tuneshift.remote import input_device
+
+        return input_device(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    @cached_property
+    @property
     def nnsight(self):
         """An nnsight ``TransformersModel`` around the already loaded model (built on first use)."""
-        from nnsight import TransformersModel
+        if self.lm is None:
+            from nnsight import TransformersModel
 
-        return TransformersModel(self.model, tokenizer=self.tokenizer)
+            self.lm = TransformersModel(self.model, tokenizer=self.tokenizer)
+        return self.lm
+
+    def fetch_modules(self, *paths: str) -> None:
+        """Make the modules at ``paths`` compute here: a remote model's weights there are fetched once."""
+        from tuneshift.remote import fetch_modules
+
+        if self.remote is True:
+            fetch_modules(self.nnsight, paths, self.remote)
 
 
 @dataclass

@@ -93,6 +93,7 @@ class Plugin:
     needs_responses: ClassVar[bool] = False     # the runner produces responses (generation.response_source) first
     weight_only: ClassVar[bool] = False         # reads weights through the adapter; no batches, no trace
     needs_eager_attention: ClassVar[bool] = False  # load with eager attention (forward-mode AD, patterns)
+    runs_remote: ClassVar[bool] = False         # all model access goes through traces: run.remote may ship them
 
     def __init__(self, options: Any = None, **overrides: Any):
         if options is None or isinstance(options, dict) or overrides:
@@ -142,6 +143,21 @@ class Plugin:
         """The first paragraph of the class docstring (what the analysis measures)."""
         doc = inspect.getdoc(cls) or ""
         return doc.split("\n\n")[0].replace("\n", " ") if cls.__doc__ else ""
+
+    # ---- remote execution ---------------------------------------------------------------------------------
+    def remote_blocker(self) -> str | None:
+        """Why this plugin, with its options, cannot run with ``run.remote`` (None: it can).
+
+        Asked before anything loads. The default: weight-only plugins and plugins not marked
+        :attr:`runs_remote` compute on the weights here; override to refuse only some options.
+        """
+        if self.weight_only:
+            return ("reads the model's weights directly; NDIF keeps them on the server (run it with "
+                    "run.remote=off on a downloaded copy: it needs no GPU)")
+        if not self.runs_remote:
+            return ("computes on the model's weights here, not only through traces (a plugin that reads only its "
+                    "probes sets runs_remote = True)")
+        return None
 
     # ---- resume -------------------------------------------------------------------------------------------
     def results_reusable(self, ctx: "RunContext", key: str) -> bool:

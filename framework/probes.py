@@ -220,7 +220,7 @@ class ProbeRegistry:
         return any(p.site.endswith("attn.pattern") for p in self.forward + self.backward)
 
     def run(self, lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-            interventions: Sequence = (), step: int = 0, tail: int | None = None,
+            interventions: Sequence = (), step: int = 0, tail: int | None = None, remote: bool | str = False,
             **forward_kwargs) -> dict[str, Captures]:
         """One trace over a (left-padded) batch; returns ``{owner: Captures}`` with detached tensors.
 
@@ -228,8 +228,11 @@ class ProbeRegistry:
         ``interventions`` (:mod:`tuneshift.interventions`) write in forward order in the same trace, before the
         reads at their site, so every read and gradient sees them; ``step`` is the generation step they are
         applied at (0: the batch's own tokens) and ``forward_kwargs`` go to the model (a KV cache, for example).
+        ``remote`` is nnsight's (:mod:`tuneshift.remote`): ``"local"`` for the serialised dry run, ``True`` to run
+        the trace on the NDIF host (the model may then hold meta weights; inputs stay on the CPU).
         """
         from tuneshift.interventions import apply_at, by_site as group_writes
+        from tuneshift.remote import input_device, ship_by_value
 
         if self.empty and not interventions:
             return {}
@@ -237,7 +240,9 @@ class ProbeRegistry:
             raise ProbeError("a probe asks for reduce='tail' but the batch has no responses (tail=None); tail "
                              "probes need a plugin with needs_responses = True")
         writes = group_writes(interventions, self.adapter.n_layers, step)
-        device = self.adapter.model.device
+        device = input_device(self.adapter.model)
+        if remote:
+            ship_by_value()
         inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
         mask = inputs["attention_mask"]
         grad_ctx = nullcontext() if self.needs_grad else torch.no_grad()
@@ -248,7 +253,8 @@ class ProbeRegistry:
         by_site: dict[str, list[Probe]] = {}
         for probe in self.forward:
             by_site.setdefault(probe.site, []).append(probe)
-        with grad_ctx, lm.trace(inputs, position_ids=position_ids.to(device), **forward_kwargs):
+        forward_kwargs.update(position_ids=position_ids.to(device), remote=remote)
+        with grad_ctx, lm.trace(inputs, **forward_kwargs):  # nnsight reads the block from this line
             raw = nnsight.save({})
             values = {}
             for site in sorted(sites, key=lambda s: site_order(s, self.adapter.n_layers)):  # forward order

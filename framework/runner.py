@@ -40,6 +40,7 @@ from tuneshift.plugin import HookTimer, Plugin
 from tuneshift.probes import Captures, ProbeRegistry
 from tuneshift.modelrun import ModelRun, RunContext
 from tuneshift.prompting import PromptPreparer
+from tuneshift.remote import check_remote, load_remote, nnsight_remote
 from tuneshift.responses import (REFERENCE, check_response_source, format_model, paired_with, source_of)
 from tuneshift.results import ResultStore, atomic_write_bytes, atomic_write_json
 from tuneshift.sections import Headline, Section
@@ -113,6 +114,7 @@ class Runner:
         check_response_source(self.generation.response_source, self.prompts, list(self.models), self.pairs)
         for key, spec in self.models.items():
             preflight(spec, key)  # a wrong path or device fails now, not after the first model's work
+        check_remote(self.settings.remote, self.plugins, self.models)
         if self.settings.threads < 0:
             raise ConfigError(f"run.threads={self.settings.threads}: give a number of CPU threads, or 0 for the "
                               "default (half the cores)")
@@ -236,9 +238,15 @@ class Runner:
             write_report(self.output_dir, logger=self.logger)  # also after an error: shows what finished
         self.logger.finish()
 
-    def _load(self, spec: ModelSpec, traced: list[Plugin]) -> tuple[Any, Any]:
-        eager = any(p.needs_eager_attention for p in traced)
-        return load_model(spec, "eager" if eager else None)
+    def _load(self, key: str, spec: ModelSpec, traced: list[Plugin]) -> ModelRun:
+        attn = "eager" if any(p.needs_eager_attention for p in traced) else None
+        chat = self.prep.chat_flag(format_model(key, self.generation.response_source, self.pairs))
+        remote = nnsight_remote(self.settings.remote)
+        if remote is True:  # NDIF: config and tokenizer only, the weights stay on the server
+            model, tokenizer, lm = load_remote(spec, attn)
+        else:
+            (model, tokenizer), lm = load_model(spec, attn), None
+        return ModelRun(key, spec.name, spec, model, tokenizer, ModelAdapter(model), chat, remote=remote, lm=lm)
 
     def _run_model(self, ctx: RunContext, key: str, spec: ModelSpec) -> None:
         fingerprints = {p.name: self._plugin_fingerprint(p, spec, key) for p in self.plugins}
@@ -250,9 +258,7 @@ class Runner:
         source = source_of(key, self.generation.response_source, self.pairs)
         if any(p.needs_responses for p in traced) and source not in (key, REFERENCE):
             self.prep.source_rows(ctx, source)  # before this model loads: one model in memory at a time
-        model, tokenizer = self._load(spec, traced)
-        chat = self.prep.chat_flag(format_model(key, self.generation.response_source, self.pairs))
-        run = ModelRun(key, spec.name, spec, model, tokenizer, ModelAdapter(model), chat)
+        run = self._load(key, spec, traced)
         try:
             self._call(pending, "on_model_start", ctx, run)
             if traced:
@@ -266,7 +272,7 @@ class Runner:
             for plugin in pending:  # done markers last: a kill before them redoes this model, never skips it
                 self._finish(ctx, plugin, key, fingerprints[plugin.name])
         finally:
-            del run, model
+            del run
             release_memory()  # the model's memory back to the OS before the next one loads
 
     def _batches(self, ctx: RunContext, run: ModelRun, plugins: list[Plugin]) -> None:
@@ -277,7 +283,7 @@ class Runner:
         total = -(-len(run.encoded) // self.settings.batch_size)
         for batch in tqdm(batches, total=total, desc=f"{run.name}", disable=not ctx.progress, leave=False):
             captures = registry.run(run.nnsight, batch.input_ids, batch.attention_mask, batch.position_ids,
-                                    tail=batch.response_tail) if not registry.empty else {}
+                                    tail=batch.response_tail, remote=run.remote) if not registry.empty else {}
             for plugin in plugins:
                 with self.timer.span(plugin, "on_batch"):
                     plugin.on_batch(ctx, run, batch, captures.get(plugin.name, Captures()))

@@ -27,6 +27,7 @@ class ResidualNorm(Plugin):
 
     name = "residual_norm"
     Options = ResidualNormOptions
+    runs_remote = True  # it reads only its probes, so run.remote may ship its traces
 
     def on_model_start(self, ctx, model) -> None:
         self.sums: dict[str, float] = {}

@@ -79,6 +79,10 @@ class CausalPlugin(Plugin):
     title = "Causal tests"
     Options = CausalOptions
 
+    def remote_blocker(self) -> str | None:
+        return ("decodes step by step with a local KV cache and loads both models again to patch between them; "
+                "run it with run.remote=off")
+
     def setup(self, ctx: Any) -> None:
         o = self.options
         bad = [t for t in o.tests if t not in TESTS]

@@ -90,7 +90,7 @@ def plain_text_means(run, texts: list[list[int]], layers: Sequence[int], n: int,
         ids = torch.tensor(kept[start:start + batch_size], dtype=torch.long)
         mask = torch.ones_like(ids)
         pos = torch.arange(n).expand_as(ids)
-        got = registry.run(run.nnsight, ids, mask, pos)["adl"]
+        got = registry.run(run.nnsight, ids, mask, pos, remote=run.remote)["adl"]
         total += torch.stack([got[f"layers.{i}.resid_post"] for i in layers], 2).double().sum(0)
     return (total / len(kept)).numpy(), len(kept)
 

@@ -60,6 +60,7 @@ class LayerLensPlugin(PairedPlugin):
     name = "layer_lens"
     title = "Layer lens"
     Options = LayerLensOptions
+    runs_remote = True  # probes only; with run.remote=ndif the final norm and unembedding are fetched once
 
     def setup(self, ctx: "RunContext") -> None:
         o = self.options
@@ -85,6 +86,7 @@ class LayerLensPlugin(PairedPlugin):
         self._cache = PairedCache(ctx.store, self.name, run.key)
         if self._writer:
             self._cache.start()
+        run.fetch_modules(run.adapter.spec.final_norm, run.adapter.spec.lm_head)  # remote: the lens computes here
         self._lens = logit_lens(run.model, run.adapter)
         self._rows: list[dict] = []
         self._kl, self._agree, self._logp = [], [], []

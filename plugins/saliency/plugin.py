@@ -72,6 +72,10 @@ class SaliencyPlugin(Plugin):
     Options = SaliencyOptions
     needs_responses = True
 
+    def remote_blocker(self) -> str | None:
+        return ("differentiates through the weights here (batched VJPs and JVPs); for a hosted model run the "
+                "authors' one-backward-per-token algorithm as one remote session (docs/scaling.md section 4)")
+
     def setup(self, ctx: "RunContext") -> None:
         o = self.options
         if o.target not in TARGETS:

@@ -67,6 +67,13 @@ class TokenShiftPlugin(PairedPlugin):
     name = "token_shift"
     title = "Token distribution shift"
     Options = TokenShiftOptions
+    runs_remote = True  # the logits come from probes; only the differential attribution needs local weights
+
+    def remote_blocker(self) -> str | None:
+        if self.options.attribution:
+            return ("token_shift.attribution differentiates through the weights here; set "
+                    "plugins.token_shift.attribution=false to run the token shift itself remotely")
+        return None
 
     def setup(self, ctx: "RunContext") -> None:
         super().setup(ctx)
