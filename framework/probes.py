@@ -42,6 +42,7 @@ require grad; read-only traces run under ``no_grad`` (autograd is on in ``model.
 """
 from __future__ import annotations
 
+import inspect
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -215,6 +216,21 @@ class ProbeRegistry:
     def needs_grad(self) -> bool:
         return bool(self.backward)
 
+    def logits_kept(self, tail: int | None) -> int | None:
+        """How many last positions the model must unembed for this registry's reads (None: every position).
+
+        The output layer is a ``[d, V]`` matmul per position, as costly as several layers for a large vocabulary.
+        When no read needs the logits of the prompt positions (no gradient objective, logits read only as
+        ``last`` or ``tail``, or not at all), the model is asked for ``logits_to_keep`` = that many: the same
+        values at the kept positions, without unembedding the rest.
+        """
+        if self.backward or "logits_to_keep" not in inspect.signature(self.adapter.model.forward).parameters:
+            return None
+        reads = {p.reduce for p in self.forward if p.site == "logits"}
+        if reads <= {"last"}:
+            return 1
+        return tail if reads <= {"last", "tail"} else None
+
     @property
     def needs_attention_pattern(self) -> bool:
         return any(p.site.endswith("attn.pattern") for p in self.forward + self.backward)
@@ -254,6 +270,8 @@ class ProbeRegistry:
         for probe in self.forward:
             by_site.setdefault(probe.site, []).append(probe)
         forward_kwargs.update(position_ids=position_ids.to(device), remote=remote)
+        if (keep := self.logits_kept(tail)) is not None:
+            forward_kwargs.setdefault("logits_to_keep", keep)  # the prompt positions' logits are never read
         with grad_ctx, lm.trace(inputs, **forward_kwargs):  # nnsight reads the block from this line
             raw = nnsight.save({})
             values = {}

@@ -1,13 +1,13 @@
 """The probe registry against plain transformers forwards and plain autograd (no nnsight involved)."""
 from __future__ import annotations
 
-import gc
 
 import pytest
 import torch
 
 from tuneshift.adapters import ModelAdapter
 from tuneshift.data import left_pad
+from tuneshift.memory import release_memory
 from tuneshift.probes import Probe, ProbeError, ProbeRegistry, all_sites
 from tuneshift.testing import tiny_model, tiny_tokenizer
 
@@ -43,6 +43,30 @@ def test_captures_equal_plain_forward(family):
     torch.testing.assert_close(out["b"]["layers.0.resid_post:mean"], mean, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out["b"]["embed.output:norm"], adapter.embedding_matrix()[ids].norm(dim=-1))
     assert all(not t.requires_grad for c in out.values() for t in c.values())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_tail_and_last_logits_skip_the_prompt_positions_and_equal_the_full_forward(family):
+    """Logits read only as ``tail`` / ``last`` make the model unembed just those positions (``logits_to_keep``);
+    the values equal the full forward's at the same positions. A full read or a gradient unembeds all."""
+    model, lm, adapter, ids, mask, pos = _setup(family)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits         # [B, T, V]
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    tail = ProbeRegistry(adapter, {"t": [Probe("logits", reduce="tail")], "l": [Probe("logits", reduce="last")]})
+    out = tail.run(lm, ids, mask, pos, tail=3)
+    resid_only = ProbeRegistry(adapter, {"r": [Probe("layers.0.resid_post")]})
+    resid_only.run(lm, ids, mask, pos)
+    whole = ProbeRegistry(adapter, {"w": [Probe("logits"), Probe("logits", reduce="tail")]})
+    got = whole.run(lm, ids, mask, pos, tail=3)
+    grad = ProbeRegistry(adapter, {"g": [Probe("layers.0.resid_post", grad=True), Probe("logits", reduce="last")]})
+    handle.remove()
+    assert seen[:2] == [3, 1], "tail=3 unembeds 3 positions; a trace reading no logits unembeds one"
+    assert seen[2] == ids.shape[1] and grad.logits_kept(3) is None and whole.logits_kept(3) is None
+    torch.testing.assert_close(out["t"]["logits:tail"], full[:, -3:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["l"]["logits:last"], full[:, -1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["w"]["logits:tail"], full[:, -3:], atol=1e-5, rtol=1e-5)
 
 
 def _resid_after(model, ids, mask, pos, layer: int) -> torch.Tensor:
@@ -101,11 +125,11 @@ def test_memory_does_not_grow_over_many_batches():
     per_batch_mb = sum(t.numel() * 4 for t in registry.run(lm, ids, mask, pos)["x"].values()) / 2**20
     for _ in range(10):
         registry.run(lm, ids, mask, pos)
-    gc.collect()
+    release_memory()  # freed heap back to the OS: RSS then counts what is alive, not what glibc kept
     before = _rss_mb()
     for _ in range(50):
         registry.run(lm, ids, mask, pos)
-    gc.collect()
+    release_memory()
     grown = _rss_mb() - before
     assert per_batch_mb > 1.0
     assert grown < 10 * per_batch_mb, f"RSS grew {grown:.1f} MB over 50 batches of {per_batch_mb:.1f} MB"
