@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -58,6 +59,15 @@ class ResponsePositions:
     def of_row(self, b: int) -> torch.Tensor:
         """Entry indices of row ``b`` (in response order)."""
         return torch.nonzero(self.rows == b).flatten()
+
+    def columns(self, batch: "Batch") -> dict[str, np.ndarray]:
+        """The columns a per-position table starts with: ``id, category, m, n_response, is_stop, token_id``."""
+        rows = self.rows.numpy()
+        per_row = lambda values: np.array(values, dtype=object)[rows]  # noqa: E731
+        return {"id": per_row([e.prompt.id for e in batch.items]),
+                "category": per_row([e.prompt.category for e in batch.items]), "m": self.m.numpy(),
+                "n_response": np.array([e.n_response for e in batch.items], dtype=np.int64)[rows],
+                "is_stop": self.is_stop.numpy(), "token_id": self.targets.numpy()}
 
 
 def response_positions(batch: "Batch", tail: int, include_stop: bool = True) -> ResponsePositions:

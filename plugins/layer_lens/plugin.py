@@ -88,9 +88,11 @@ class LayerLensPlugin(PairedPlugin):
             self._cache.start()
         run.fetch_modules(run.adapter.spec.final_norm, run.adapter.spec.lm_head)  # remote: the lens computes here
         self._lens = logit_lens(run.model, run.adapter)
-        self._rows: list[dict] = []
+        self._rows: list[pd.DataFrame] = []  # per batch, one row per position
         self._kl, self._agree, self._logp = [], [], []
         self._diff: dict[tuple[str, str], list[np.ndarray]] = {(b, t): [] for b, t, _, w in self._roles if not w}
+        self._readers = {partner: PairedCache(ctx.store, self.name, partner)  # its index read once per model
+                         for _, _, partner, is_writer in self._roles if not is_writer}
         self._slots = adl.SlotMeans()
 
     def probes(self, run: "ModelRun") -> list[Probe]:
@@ -117,13 +119,10 @@ class LayerLensPlugin(PairedPlugin):
             kl[:, :-1], top1[:, :-1], logp[:, :-1] = got["kl"].cpu(), got["top1"].cpu(), got["logp"].cpu()
         del final_lp
         depth = commitment_depth(top1, final_top1.cpu())
-        commit = [int(self.layers[d]) if d < L else L for d in depth.tolist()]
-        rows_b, ms, stops, targets = pos.rows.tolist(), pos.m.tolist(), pos.is_stop.tolist(), pos.targets.tolist()
-        top_final = final_top1.tolist()
-        for j in range(N):
-            e = batch.items[rows_b[j]]
-            self._rows.append({"id": e.prompt.id, "category": e.prompt.category, "m": ms[j], "is_stop": stops[j],
-                               "token_id": targets[j], "commitment_layer": commit[j], "final_top1": top_final[j]})
+        commit = np.append(np.array(self.layers, dtype=np.int64), L)[depth.numpy()]  # depth L: never commits
+        columns = pos.columns(batch)
+        del columns["n_response"]
+        self._rows.append(pd.DataFrame({**columns, "commitment_layer": commit, "final_top1": final_top1.cpu().numpy()}))
         self._kl.append(kl.numpy())
         self._agree.append((top1 == final_top1.cpu()[:, None]).numpy())
         self._logp.append(logp.numpy())
@@ -135,7 +134,7 @@ class LayerLensPlugin(PairedPlugin):
         for base, tuned, partner, is_writer in self._roles:
             if is_writer:
                 continue
-            cache = PairedCache(ctx.store, self.name, partner)
+            cache = self._readers[partner]
             for b, e in enumerate(batch.items):
                 got = cache.read(e.prompt.id, ["resid", "ids"])
                 if not torch.equal(got["ids"], full_ids[b]):
@@ -147,7 +146,7 @@ class LayerLensPlugin(PairedPlugin):
 
     def on_model_end(self, ctx: "RunContext", run: "ModelRun") -> None:
         store, o = ctx.store, self.options
-        positions = pd.DataFrame(self._rows)
+        positions = pd.concat(self._rows, ignore_index=True) if self._rows else pd.DataFrame()
         store.save_table(self.name, run.key, "positions", positions)
         kl, agree, logp = (np.concatenate(x) if x else np.zeros((0, len(self.layers))) for x in
                            (self._kl, self._agree, self._logp))

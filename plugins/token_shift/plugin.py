@@ -21,7 +21,6 @@ shared tokens), ``attribution.npz`` (``I_<i>`` gradient x input of log p, ``ids`
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -87,16 +86,24 @@ class TokenShiftPlugin(PairedPlugin):
         self._cache = PairedCache(ctx.store, self.name, run.key)
         if any(is_writer for *_, is_writer in self._roles):
             self._cache.start()
-        self._own: list[dict] = []
-        self._pairs: dict[tuple[str, str], list[dict]] = {(b, t): [] for b, t, _, w in self._roles if not w}
-        self._token_text: dict[int, str] = {}
+        self._own: list[pd.DataFrame] = []  # per batch, one row per position
+        self._pairs: dict[tuple[str, str], list[pd.DataFrame]] = {(b, t): [] for b, t, _, w in self._roles if not w}
+        self._readers = {partner: PairedCache(ctx.store, self.name, partner)  # its index read once per model
+                         for _, _, partner, is_writer in self._roles if not is_writer}
+        self._token_text: dict[int, tuple[str, bool]] = {}
 
     def probes(self, run: "ModelRun") -> list[Probe]:
         return [Probe("logits", reduce="tail", device="keep")]
 
     def _text(self, run: "ModelRun", token_id: int) -> str:
+        return self._token(run, token_id)[0]
+
+    def _token(self, run: "ModelRun", token_id: int) -> tuple[str, bool]:
+        """A token's text and whether it is instruction-following formatting (decoded once per id)."""
         if token_id not in self._token_text:
-            self._token_text[token_id] = run.tokenizer.decode([token_id])
+            text = run.tokenizer.decode([token_id])
+            special = token_id in run.tokenizer.all_special_ids
+            self._token_text[token_id] = (text, stats.is_format_token(text, special))
         return self._token_text[token_id]
 
     def on_batch(self, ctx: "RunContext", run: "ModelRun", batch: "Batch", captures) -> None:
@@ -104,25 +111,20 @@ class TokenShiftPlugin(PairedPlugin):
         logits = captures["logits:tail"]                                               # [B, K, V]
         pos = response_positions(batch, logits.shape[1], o.include_stop)
         flat = logits[pos.rows.to(logits.device), pos.cols.to(logits.device)]          # [N, V]
-        own = token_stats(flat, pos.targets, o.top_k)
+        own = {k: v.cpu() for k, v in token_stats(flat, pos.targets, o.top_k).items()}
         ids = [e.prompt.id for e in batch.items]
         full_ids = [torch.cat([e.input_ids, e.response_ids]) for e in batch.items]
-        special = set(run.tokenizer.all_special_ids)
-        rows, ms, stops, targets = pos.rows.tolist(), pos.m.tolist(), pos.is_stop.tolist(), pos.targets.tolist()
-        own = {k: v.tolist() for k, v in own.items()}
-        for j in range(len(rows)):
-            e = batch.items[rows[j]]
-            self._own.append({"id": e.prompt.id, "category": e.prompt.category, "m": ms[j],
-                              "n_response": e.n_response, "is_stop": stops[j], "token_id": targets[j],
-                              "logp": own["logp"][j], "rank": own["rank"][j], "entropy": own["entropy"][j],
-                              "top_ids": own["top_ids"][j], "top_logp": own["top_logp"][j]})
+        columns = pos.columns(batch)
+        self._own.append(pd.DataFrame({**columns, "logp": own["logp"].numpy(), "rank": own["rank"].numpy(),
+                                       "entropy": own["entropy"].numpy(), "top_ids": own["top_ids"].tolist(),
+                                       "top_logp": own["top_logp"].tolist()}))
         if any(w for *_, w in self._roles):
             self._cache.write(batch.index, ids, {"logits": [flat[pos.of_row(b).to(flat.device)]
                                                             for b in range(len(batch.items))], "ids": full_ids})
         for base, tuned, partner, is_writer in self._roles:
             if is_writer:
                 continue
-            cache = PairedCache(ctx.store, self.name, partner)
+            cache = self._readers[partner]
             other = []
             for b, e in enumerate(batch.items):
                 got = cache.read(e.prompt.id, ["logits", "ids"])
@@ -133,27 +135,21 @@ class TokenShiftPlugin(PairedPlugin):
                 other.append(got["logits"])
             other = torch.cat(other).to(flat.device)                                  # [N, V]
             b_logits, t_logits = (other, flat) if run.key == tuned else (flat, other)
-            pair = {k: v.tolist() for k, v in pair_stats(b_logits, t_logits, pos.targets).items()}
-            for j in range(len(rows)):
-                e = batch.items[rows[j]]
-                tok = targets[j]
-                text = self._text(run, tok)
-                self._pairs[(base, tuned)].append({
-                    "id": e.prompt.id, "category": e.prompt.category, "m": ms[j], "n_response": e.n_response,
-                    "is_stop": stops[j], "token_id": tok, "token": text,
-                    "is_format": stats.is_format_token(text, tok in special),
-                    "rank_base": pair["rank_base"][j], "p_base": math.exp(pair["logp_base"][j]),
-                    "rank_tuned": pair["rank_tuned"][j], "p_tuned": math.exp(pair["logp_tuned"][j]),
-                    "kl_tb": pair["kl_tb"][j], "kl_bt": pair["kl_bt"][j]})
+            pair = {k: v.cpu().numpy() for k, v in pair_stats(b_logits, t_logits, pos.targets).items()}
+            tokens = [self._token(run, t) for t in columns["token_id"].tolist()]  # (text, is_format), cached by id
+            self._pairs[(base, tuned)].append(pd.DataFrame({
+                **columns, "token": [t for t, _ in tokens], "is_format": [f for _, f in tokens],
+                "rank_base": pair["rank_base"], "p_base": np.exp(pair["logp_base"]), "rank_tuned": pair["rank_tuned"],
+                "p_tuned": np.exp(pair["logp_tuned"]), "kl_tb": pair["kl_tb"], "kl_bt": pair["kl_bt"]}))
 
     def on_model_end(self, ctx: "RunContext", run: "ModelRun") -> None:
         store, o = ctx.store, self.options
-        own = pd.DataFrame(self._own)
+        own = pd.concat(self._own, ignore_index=True) if self._own else pd.DataFrame()
         store.save_table(self.name, run.key, "positions", own)
         if any(w for *_, w in self._roles):
             self._cache.finish({"model": run.key})
-        for (base, tuned), rows in self._pairs.items():
-            table = pd.DataFrame(rows)
+        for (base, tuned), frames in self._pairs.items():
+            table = pd.concat(frames, ignore_index=True)
             table["class"] = stats.classify(table["rank_base"].to_numpy(), o.marginal_max_rank)
             store.save_table(self.name, store.compare_key(base, tuned), "positions", table)
         if o.attribution and self._roles:
