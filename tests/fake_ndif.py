@@ -80,6 +80,7 @@ def serve(folders: dict[str, str]) -> None:
     from nnsight.tracing.tracer import _saves, dec, inc
     from transformers import AutoTokenizer
 
+    torch.set_num_threads(1)  # as the client's jobs (run.threads=1): the same kernels, so bit-equal results
     hosted = {repo: TransformersModel(folder, tokenizer=AutoTokenizer.from_pretrained(folder),
                                       task="text-generation", dispatch=True) for repo, folder in folders.items()}
     requests = sys.stdin.buffer
@@ -167,7 +168,7 @@ def main(out: Path) -> None:
                       "pairs": [["base", "tuned"]]},
             "data": {"limit": 3}, "generation": {"max_new_tokens": 4, "response_source": "tuned"},
             "run": {"root": str(out), "name": mode, "batch_size": 2, "progress": False, "report": False,
-                    "remote": mode},
+                    "remote": mode, "threads": 1},
             "logger": {"kind": "local"}, "plugins": plugins}))
         run_config(cfg, out / mode)
     log = {"requests": list(server.requests), "offline": offline}
