@@ -9,7 +9,7 @@
 #                                              # thread competing with another job made a forward 5-25x slower)
 #
 # Names: saliency_tiny saliency_smollm2_64 saliency_smollm2_300 saliency_smollm2_long capture_tiny capture_smollm2 head_relations
-#        ffn_concepts scaling_saliency scaling_weights diffing_tiny diffing_smollm2 threads interventions_tiny
+#        ffn_concepts scaling_saliency scaling_weights diffing_tiny diffing_smollm2 diffing_smollm2_sparse threads interventions_tiny
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -35,11 +35,12 @@ declare -A CMD=(
   [scaling_weights]="benchmarks/bench_scaling.py --axes words model --repeats 3 --threads $THREADS --device $DEVICE"
   [diffing_tiny]="benchmarks/bench_diffing.py --model $TINY --prompts 40 160 --repeats 3 --threads $THREADS --device $DEVICE"
   [diffing_smollm2]="benchmarks/bench_diffing.py --model $SMOL --prompts 16 48 --repeats 2 --threads $THREADS --device $DEVICE"
+  [diffing_smollm2_sparse]="benchmarks/bench_diffing.py --model $SMOL --prompts 16 48 --repeats 2 --layers 0 10 20 --threads $THREADS --device $DEVICE"
   [threads]="benchmarks/bench_threads.py --model $TINY --prompts 8 --new-tokens 32 --competitors 0 1 --repeats 3"
   [interventions_tiny]="benchmarks/bench_interventions.py --model $TINY --rows 8 32 128 --repeats 15 --threads $THREADS"
 )
 ORDER=(saliency_tiny saliency_smollm2_64 saliency_smollm2_300 saliency_smollm2_long capture_tiny capture_smollm2 head_relations
-       ffn_concepts scaling_saliency scaling_weights diffing_tiny diffing_smollm2 threads interventions_tiny)
+       ffn_concepts scaling_saliency scaling_weights diffing_tiny diffing_smollm2 diffing_smollm2_sparse threads interventions_tiny)
 [ $# -gt 0 ] && ORDER=("$@")
 
 status=0
