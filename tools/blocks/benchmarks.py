@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tools.blocks.common import markdown_rows, number
+from tools.blocks.trace_costs import diffing_memory_row, diffing_row, interventions_row
 from tools.readme import ReadmeError, renderer
 
 RESULTS = Path("benchmarks/results")
@@ -194,7 +195,8 @@ def machine(texts: dict[str, str]) -> str:
 def render(root: Path) -> str:
     texts = {n: read(root, n) for n in ("saliency_smollm2_64", "saliency_smollm2_300", "saliency_smollm2_long",
                                         "saliency_tiny", "capture_smollm2", "capture_tiny", "head_relations",
-                                        "ffn_concepts")}
+                                        "ffn_concepts", "diffing_tiny", "diffing_smollm2", "diffing_smollm2_sparse",
+                                        "interventions_tiny")}
     s64, s300 = saliency_cases(texts["saliency_smollm2_64"])[0], saliency_cases(texts["saliency_smollm2_300"])[0]
     long = saliency_cases(texts["saliency_smollm2_long"])[0]
     tiny = saliency_cases(texts["saliency_tiny"])
@@ -231,6 +233,12 @@ def render(root: Path) -> str:
         f"{_seconds(s64.wall['floor'])} / {_seconds(s300.wall['floor'])} | {floor} | <= 1.5x: {floor_met} |",
         _capture_row(f"capture overhead, SmolLM2, all {cap_smol[0][1]} attention and MLP outputs", cap_smol),
         _capture_row(f"capture overhead, the 4.2M organism, all {cap_tiny[0][1]} outputs", cap_tiny),
+        diffing_row("SmolLM2", texts["diffing_smollm2"]),
+        diffing_row("SmolLM2", texts["diffing_smollm2_sparse"]),
+        diffing_row("the organism", texts["diffing_tiny"]),
+        diffing_memory_row("the organism", texts["diffing_tiny"]),
+        diffing_memory_row("SmolLM2", texts["diffing_smollm2"]),
+        interventions_row("the organism", texts["interventions_tiny"]),
         "",
         prose,
     ]
