@@ -17,7 +17,9 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-DEFAULT_MAX_ELEMENTS = 1 << 23  # float64 values per chunk: 64 MiB
+# float64 values per chunk: 16 MiB. Blocks under glibc's largest mmap threshold (32 MiB) are reused from the
+# heap; larger ones are mapped afresh and page-faulted on every call, which measured 2-3x slower on a CPU.
+DEFAULT_MAX_ELEMENTS = 1 << 21
 
 
 def chunks(n: int, vocab: int, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Iterator[slice]:
@@ -32,6 +34,52 @@ def log_softmax64(logits: Tensor) -> Tensor:
     return torch.log_softmax(logits.double(), dim=-1)
 
 
+def _target_and_rank(lp: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """The target's log-prob and rank (ties favour the target). ``[n, V], [n, 1] -> [n], [n]``"""
+    target = lp.gather(-1, y).squeeze(-1)
+    return target, 1 + (lp > target[:, None]).sum(-1)
+
+
+def paired_token_stats(logits: Tensor, others: list[Tensor], targets: Tensor, top_k: int = 5,
+                       max_elements: int = DEFAULT_MAX_ELEMENTS) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+    """One model's statistics per position and, against each other model at the same positions, the other's
+    target statistics and KL both ways; every distribution is normalised once per chunk (float64).
+
+    ``logits [N, V]``, ``others`` a list of ``[N, V]``, ``targets [N]`` -> (own, versus): own as
+    :func:`token_stats`; ``versus[i]`` holds ``logp [N]`` f64 and ``rank [N]`` long of ``others[i]``,
+    ``kl_own_other [N]`` = KL(own || other) and ``kl_other_own [N]`` = KL(other || own), f64.
+    """
+    N, V = logits.shape
+    k = min(top_k, V)
+    f64, long = {"dtype": torch.float64}, {"dtype": torch.long}
+    own = {"logp": logits.new_empty(N, **f64), "rank": logits.new_empty(N, **long),
+           "entropy": logits.new_empty(N, **f64), "top_ids": logits.new_empty(N, k, **long),
+           "top_logp": logits.new_empty(N, k, **f64)}
+    for other in others:
+        if other.shape != logits.shape:
+            raise ValueError(f"two distributions over one vocabulary needed; got {tuple(logits.shape)} and "
+                             f"{tuple(other.shape)}")
+    versus = [{"logp": logits.new_empty(N, **f64), "rank": logits.new_empty(N, **long),
+               "kl_own_other": logits.new_empty(N, **f64), "kl_other_own": logits.new_empty(N, **f64)}
+              for _ in others]
+    for part in chunks(N, V, max_elements // (2 + 3 * bool(others))):  # own lp, p; an other's lp, p, difference
+        lp = log_softmax64(logits[part])                                              # [n, V]
+        p = lp.exp()
+        y = targets[part, None].to(lp.device)
+        own["logp"][part], own["rank"][part] = _target_and_rank(lp, y)
+        own["entropy"][part] = -(p * lp).sum(-1)
+        own["top_logp"][part], own["top_ids"][part] = lp.topk(k, dim=-1)
+        for other, out in zip(others, versus):
+            lq = log_softmax64(other[part].to(lp.device))                             # [n, V]
+            out["logp"][part], out["rank"][part] = _target_and_rank(lq, y)
+            diff = lp - lq
+            out["kl_own_other"][part] = (p * diff).sum(-1)
+            out["kl_other_own"][part] = -(lq.exp() * diff).sum(-1)
+            del lq, diff
+        del lp, p
+    return own, versus
+
+
 def token_stats(logits: Tensor, targets: Tensor, top_k: int = 5,
                 max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict[str, Tensor]:
     """Per position: the target's log-prob and rank, the entropy, and the top-k tokens with their log-probs.
@@ -39,21 +87,7 @@ def token_stats(logits: Tensor, targets: Tensor, top_k: int = 5,
     ``logits [N, V]``, ``targets [N]`` -> ``logp [N]`` f64, ``rank [N]`` long, ``entropy [N]`` f64,
     ``top_ids [N, k]`` long, ``top_logp [N, k]`` f64 (all on the logits' device).
     """
-    N, V = logits.shape
-    k = min(top_k, V)
-    out = {"logp": logits.new_empty(N, dtype=torch.float64), "rank": logits.new_empty(N, dtype=torch.long),
-           "entropy": logits.new_empty(N, dtype=torch.float64), "top_ids": logits.new_empty(N, k, dtype=torch.long),
-           "top_logp": logits.new_empty(N, k, dtype=torch.float64)}
-    for part in chunks(N, V, max_elements):
-        lp = log_softmax64(logits[part])                                              # [n, V]
-        target = lp.gather(-1, targets[part, None].to(lp.device)).squeeze(-1)         # [n]
-        out["logp"][part] = target
-        out["rank"][part] = 1 + (lp > target[:, None]).sum(-1)
-        out["entropy"][part] = -(lp.exp() * lp).sum(-1)
-        values, ids = lp.topk(k, dim=-1)
-        out["top_ids"][part], out["top_logp"][part] = ids, values
-        del lp
-    return out
+    return paired_token_stats(logits, [], targets, top_k, max_elements)[0]
 
 
 def kl_divergence(logits_p: Tensor, logits_q: Tensor, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Tensor:
@@ -70,63 +104,35 @@ def kl_divergence(logits_p: Tensor, logits_q: Tensor, max_elements: int = DEFAUL
     return out
 
 
-def pair_stats(logits_base: Tensor, logits_tuned: Tensor, targets: Tensor,
-               max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict[str, Tensor]:
-    """Two models at the same positions, each distribution normalised once per chunk (float64).
-
-    ``[N, V] x2, [N]`` -> ``rank_base, rank_tuned [N]`` long, ``logp_base, logp_tuned [N]``, ``kl_tb [N]`` =
-    KL(tuned || base) and ``kl_bt [N]`` = KL(base || tuned), f64.
-    """
-    if logits_base.shape != logits_tuned.shape:
-        raise ValueError(f"two distributions over one vocabulary needed; got {tuple(logits_base.shape)} and "
-                         f"{tuple(logits_tuned.shape)}")
-    N, V = logits_base.shape
-    out = {k: logits_base.new_empty(N, dtype=torch.float64) for k in ("logp_base", "logp_tuned", "kl_tb", "kl_bt")}
-    out.update({k: logits_base.new_empty(N, dtype=torch.long) for k in ("rank_base", "rank_tuned")})
-    for part in chunks(N, V, max_elements // 2):
-        lb, lt = log_softmax64(logits_base[part]), log_softmax64(logits_tuned[part].to(logits_base.device))
-        y = targets[part, None].to(lb.device)
-        for name, lp in (("base", lb), ("tuned", lt)):
-            target = lp.gather(-1, y).squeeze(-1)
-            out[f"logp_{name}"][part] = target
-            out[f"rank_{name}"][part] = 1 + (lp > target[:, None]).sum(-1)
-        diff = lt - lb
-        out["kl_tb"][part] = (lt.exp() * diff).sum(-1)
-        out["kl_bt"][part] = -(lb.exp() * diff).sum(-1)
-        del lb, lt, diff
-    return out
-
-
-def lens_stats(hidden: Tensor, final_logp: Tensor, to_logits: Callable[[Tensor], Tensor], targets: Tensor,
+def lens_stats(hidden: Tensor, final_logits: Tensor, to_logits: Callable[[Tensor], Tensor], targets: Tensor,
                max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict[str, Tensor]:
     """The logit lens of several layers against the model's final distribution, per position.
 
-    ``hidden [N, L, d]`` (the layers' residual streams at N positions), ``final_logp [N, V]`` (the final
-    log-probabilities in float64, :func:`log_softmax64`), ``to_logits`` (final norm + unembedding),
-    ``targets [N]`` -> ``kl [N, L]`` = KL(final || lens_l) f64, ``top1 [N, L]`` long (the lens argmax),
-    ``logp [N, L]`` f64 (the target's log-prob under the lens).
+    ``hidden [N, L, d]`` (the layers' residual streams at N positions; L may be 0), ``final_logits [N, V]``
+    (the model's output there, any dtype), ``to_logits`` (final norm + unembedding), ``targets [N]`` ->
+    ``kl [N, L]`` = KL(final || lens_l) f64, ``top1 [N, L]`` long (the lens argmax), ``logp [N, L]`` f64 (the
+    target's log-prob under the lens) and ``final_logp [N]`` f64 (the target's log-prob under the model).
 
-    With lens logits ``z`` and ``log Z = logsumexp(z)``, ``log lens = z - log Z``, so
-    ``KL = sum p_f log p_f - p_f . z + log Z``: one float64 log-sum-exp and one dot product per (position,
-    layer) instead of a whole normalised ``[V]`` vector, exact in float64. All layers of a chunk of positions
-    go through one unembedding.
+    ``KL = sum_v p_f (log p_f - log lens)``, both log-distributions from float64 ``log_softmax`` (a log-sum-exp
+    kernel costs twice as much per element here). All layers of a chunk of positions go through one
+    unembedding; one chunk holds the lens ``[n, L, V]`` and the final ``[n, V]`` twice, in float64.
     """
     N, L, _ = hidden.shape
-    V = final_logp.shape[-1]
+    V = final_logits.shape[-1]
     out = {"kl": hidden.new_empty(N, L, dtype=torch.float64), "top1": hidden.new_empty(N, L, dtype=torch.long),
-           "logp": hidden.new_empty(N, L, dtype=torch.float64)}
-    for part in chunks(N, V * max(L, 1), max_elements):
+           "logp": hidden.new_empty(N, L, dtype=torch.float64), "final_logp": hidden.new_empty(N, dtype=torch.float64)}
+    for part in chunks(N, V * (L + 2), max_elements):
         z = to_logits(hidden[part])                                                   # [n, L, V] model dtype
         out["top1"][part] = z.argmax(-1)
-        z = z.double()
-        log_z = torch.logsumexp(z, -1)                                                # [n, L]
-        final = final_logp[part].to(z.device)                                         # [n, V]
+        lens = torch.log_softmax(z, -1, dtype=torch.float64)                          # [n, L, V]
+        del z
+        final = log_softmax64(final_logits[part].to(lens.device))                     # [n, V]
         p_final = final.exp()
-        neg_entropy = (p_final * final).sum(-1)                                       # [n]
-        out["kl"][part] = neg_entropy[:, None] - torch.einsum("nv,nlv->nl", p_final, z) + log_z
-        index = targets[part].to(z.device)[:, None, None].expand(-1, L, 1)
-        out["logp"][part] = z.gather(-1, index).squeeze(-1) - log_z
-        del z, final, p_final
+        y = targets[part].to(lens.device)[:, None]
+        out["final_logp"][part] = final.gather(-1, y).squeeze(-1)
+        out["kl"][part] = (p_final * final).sum(-1)[:, None] - torch.einsum("nv,nlv->nl", p_final, lens)
+        out["logp"][part] = lens.gather(-1, y[:, :, None].expand(-1, L, 1)).squeeze(-1)
+        del lens, final, p_final
     return out
 
 
@@ -144,4 +150,4 @@ def commitment_depth(lens_top1: Tensor, final_top1: Tensor) -> Tensor:
 
 
 __all__ = ["DEFAULT_MAX_ELEMENTS", "chunks", "commitment_depth", "kl_divergence", "lens_stats", "log_softmax64",
-           "pair_stats", "token_stats"]
+           "paired_token_stats", "token_stats"]

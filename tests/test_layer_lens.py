@@ -12,7 +12,7 @@ from tuneshift.adapters import ModelAdapter
 from tuneshift.cli import run_config as run
 from tuneshift.config import validate
 from tuneshift.data import Prompt, encode_prompt, load_prompts
-from tuneshift.distributions import commitment_depth, kl_divergence, token_stats
+from tuneshift.distributions import commitment_depth, kl_divergence, lens_stats, paired_token_stats, token_stats
 from tuneshift.lens import logit_lens
 from tuneshift.loading import ModelSpec, load_model
 from tuneshift.results import ResultStore
@@ -81,6 +81,39 @@ def test_distribution_helpers_against_loops():
         assert float(got["entropy"][n]) == pytest.approx(float(-(p * p.log()).sum()), rel=1e-10)
     top1 = torch.tensor([[1, 2, 3, 3], [3, 3, 3, 3], [3, 1, 3, 3], [1, 1, 1, 2]])
     assert commitment_depth(top1, torch.tensor([3, 3, 3, 2])).tolist() == [2, 0, 2, 3]
+
+
+def test_paired_and_lens_statistics_against_loops():
+    """paired_token_stats (own + another model, chunked) and lens_stats (several layers and none) in float64
+    against per-position loops over the vocabulary."""
+    g = torch.Generator().manual_seed(1)
+    own, other = torch.randn(7, 50, generator=g) * 3, torch.randn(7, 50, generator=g) * 2
+    targets = torch.randint(0, 50, (7,), generator=g)
+    mine, (vs,) = paired_token_stats(own, [other], targets, 4, max_elements=300)  # chunks of 1 position
+    plain = token_stats(own, targets, 4)
+    for key in plain:
+        torch.testing.assert_close(mine[key], plain[key], rtol=0, atol=0)
+    W = torch.randint(-2, 3, (50, 6), generator=g).float()       # small integers: float32 logits are exact
+    hidden = torch.randint(-2, 3, (7, 3, 6), generator=g).float()
+    got = lens_stats(hidden, own, lambda h: h @ W.T, targets, max_elements=600)  # chunks of 2 positions
+    empty = lens_stats(hidden[:, :0], own, lambda h: h @ W.T, targets)
+    assert empty["kl"].shape == (7, 0)
+    for n in range(7):
+        p, q = own[n].double().softmax(-1), other[n].double().softmax(-1)
+        y = int(targets[n])
+        assert int(vs["rank"][n]) == 1 + sum(float(other[n, v]) > float(other[n, y]) for v in range(50))
+        assert float(vs["logp"][n]) == pytest.approx(float(q[y].log()), rel=1e-12)
+        assert float(vs["kl_own_other"][n]) == pytest.approx(sum(float(p[v] * (p[v] / q[v]).log()) for v in range(50)),
+                                                              rel=1e-10)
+        assert float(vs["kl_other_own"][n]) == pytest.approx(sum(float(q[v] * (q[v] / p[v]).log()) for v in range(50)),
+                                                              rel=1e-10)
+        assert float(got["final_logp"][n]) == float(empty["final_logp"][n]) == pytest.approx(float(p[y].log()), rel=1e-12)
+        for layer in range(3):
+            z = (hidden[n, layer] @ W.T).double()
+            lens = z.softmax(-1)
+            assert float(got["kl"][n, layer]) == pytest.approx(float((p * (p / lens).log()).sum()), rel=1e-10)
+            assert float(got["logp"][n, layer]) == pytest.approx(float(lens[y].log()), rel=1e-12)
+            assert int(got["top1"][n, layer]) == int(z.argmax())
 
 
 @pytest.mark.parametrize("family", ["llama"])

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from tuneshift.data import encode_prompt
-from tuneshift.distributions import commitment_depth, lens_stats, log_softmax64
+from tuneshift.distributions import commitment_depth, lens_stats
 from tuneshift.fingerprint import neutral
 from tuneshift.generation import response_positions
 from tuneshift.lens import logit_lens
@@ -109,15 +109,11 @@ class LayerLensPlugin(PairedPlugin):
         resid = {i: captures[f"layers.{i}.resid_post"] for i in self.layers}           # [B, T, d] each
         hidden = torch.stack([resid[i][:, -K:][rows, cols] for i in self.layers], 1)   # [N, L', d]
         N, L = hidden.shape[0], len(self.layers)
-        final_lp = log_softmax64(final)                                                # [N, V]
-        kl = torch.zeros(N, L, dtype=torch.float64)
-        top1 = final_top1[:, None].repeat(1, L).cpu()
-        logp = torch.zeros(N, L, dtype=torch.float64)
-        logp[:, -1] = final_lp.gather(-1, pos.targets[:, None].to(final.device))[:, 0].cpu()
-        if L > 1:                                                                      # the last lens is the output
-            got = lens_stats(hidden[:, :-1], final_lp, self._lens, pos.targets)
-            kl[:, :-1], top1[:, :-1], logp[:, :-1] = got["kl"].cpu(), got["top1"].cpu(), got["logp"].cpu()
-        del final_lp
+        got = lens_stats(hidden[:, :-1], final, self._lens, pos.targets)  # the last lens is the output itself
+        kl = torch.cat([got["kl"], torch.zeros(N, 1, dtype=torch.float64, device=got["kl"].device)], 1).cpu()
+        top1 = torch.cat([got["top1"], final_top1[:, None]], 1).cpu()                  # [N, L']
+        logp = torch.cat([got["logp"], got["final_logp"][:, None]], 1).cpu()
+        del got
         depth = commitment_depth(top1, final_top1.cpu())
         commit = np.append(np.array(self.layers, dtype=np.int64), L)[depth.numpy()]  # depth L: never commits
         columns = pos.columns(batch)

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from tuneshift.attribution import attribute, make_item
-from tuneshift.distributions import pair_stats, token_stats
+from tuneshift.distributions import paired_token_stats
 from tuneshift.fingerprint import neutral
 from tuneshift.generation import response_positions
 from tuneshift.paired import PairedCache, PairedCacheError, PairedPlugin, pair_role, release
@@ -111,9 +111,13 @@ class TokenShiftPlugin(PairedPlugin):
         logits = captures["logits:tail"]                                               # [B, K, V]
         pos = response_positions(batch, logits.shape[1], o.include_stop)
         flat = logits[pos.rows.to(logits.device), pos.cols.to(logits.device)]          # [N, V]
-        own = {k: v.cpu() for k, v in token_stats(flat, pos.targets, o.top_k).items()}
         ids = [e.prompt.id for e in batch.items]
         full_ids = [torch.cat([e.input_ids, e.response_ids]) for e in batch.items]
+        readers = [(base, tuned, partner) for base, tuned, partner, is_writer in self._roles if not is_writer]
+        others = [self._partner_logits(run, partner, batch, full_ids).to(flat.device)
+                  for *_, partner in readers]                                          # [N, V] each
+        own, versus = paired_token_stats(flat, others, pos.targets, o.top_k)  # each distribution normalised once
+        own = {k: v.cpu() for k, v in own.items()}
         columns = pos.columns(batch)
         self._own.append(pd.DataFrame({**columns, "logp": own["logp"].numpy(), "rank": own["rank"].numpy(),
                                        "entropy": own["entropy"].numpy(), "top_ids": own["top_ids"].tolist(),
@@ -121,26 +125,30 @@ class TokenShiftPlugin(PairedPlugin):
         if any(w for *_, w in self._roles):
             self._cache.write(batch.index, ids, {"logits": [flat[pos.of_row(b).to(flat.device)]
                                                             for b in range(len(batch.items))], "ids": full_ids})
-        for base, tuned, partner, is_writer in self._roles:
-            if is_writer:
-                continue
-            cache = self._readers[partner]
-            other = []
-            for b, e in enumerate(batch.items):
-                got = cache.read(e.prompt.id, ["logits", "ids"])
-                if not torch.equal(got["ids"], full_ids[b]):
-                    raise PairedCacheError(f"prompt {e.prompt.id!r}: {run.key!r} and {partner!r} saw different token "
-                                           "ids; token_shift needs identical tokens (the same tokenizer and input "
-                                           "format for both models of a pair)")
-                other.append(got["logits"])
-            other = torch.cat(other).to(flat.device)                                  # [N, V]
-            b_logits, t_logits = (other, flat) if run.key == tuned else (flat, other)
-            pair = {k: v.cpu().numpy() for k, v in pair_stats(b_logits, t_logits, pos.targets).items()}
-            tokens = [self._token(run, t) for t in columns["token_id"].tolist()]  # (text, is_format), cached by id
+        del others
+        tokens = [self._token(run, t) for t in columns["token_id"].tolist()] if readers else []  # (text, is_format)
+        for (base, tuned, _), vs in zip(readers, versus):
+            vs = {k: v.cpu().numpy() for k, v in vs.items()}
+            mine = {"rank": own["rank"].numpy(), "logp": own["logp"].numpy()}
+            b, t = (vs, mine) if run.key == tuned else (mine, vs)
+            kl_tb, kl_bt = ((vs["kl_own_other"], vs["kl_other_own"]) if run.key == tuned
+                            else (vs["kl_other_own"], vs["kl_own_other"]))
             self._pairs[(base, tuned)].append(pd.DataFrame({
-                **columns, "token": [t for t, _ in tokens], "is_format": [f for _, f in tokens],
-                "rank_base": pair["rank_base"], "p_base": np.exp(pair["logp_base"]), "rank_tuned": pair["rank_tuned"],
-                "p_tuned": np.exp(pair["logp_tuned"]), "kl_tb": pair["kl_tb"], "kl_bt": pair["kl_bt"]}))
+                **columns, "token": [text for text, _ in tokens], "is_format": [f for _, f in tokens],
+                "rank_base": b["rank"], "p_base": np.exp(b["logp"]), "rank_tuned": t["rank"],
+                "p_tuned": np.exp(t["logp"]), "kl_tb": kl_tb, "kl_bt": kl_bt}))
+
+    def _partner_logits(self, run: "ModelRun", partner: str, batch: "Batch", full_ids: list) -> torch.Tensor:
+        """The partner's cached logits at this batch's positions, checked to be on the same token ids. ``[N, V]``"""
+        parts = []
+        for b, e in enumerate(batch.items):
+            got = self._readers[partner].read(e.prompt.id, ["logits", "ids"])
+            if not torch.equal(got["ids"], full_ids[b]):
+                raise PairedCacheError(f"prompt {e.prompt.id!r}: {run.key!r} and {partner!r} saw different token "
+                                       "ids; token_shift needs identical tokens (the same tokenizer and input "
+                                       "format for both models of a pair)")
+            parts.append(got["logits"])
+        return torch.cat(parts)
 
     def on_model_end(self, ctx: "RunContext", run: "ModelRun") -> None:
         store, o = ctx.store, self.options
