@@ -80,11 +80,12 @@ def plain_pass(run: ModelRun, batch_size: int) -> None:
 
 def lens_floor_pass(run: ModelRun, batch_size: int, layers: list[int]) -> None:
     """The least any layer lens costs: the forward with the output layer applied only at the response positions
-    (``logits_to_keep``), plus final norm + unembedding of every lensed layer but the last there (model dtype,
-    no softmax)."""
+    (``logits_to_keep``), plus final norm + unembedding of every lensed layer (``layers``; empty: all) but the
+    last there (model dtype, no softmax)."""
     norm = run.adapter.module(run.adapter.spec.final_norm)
     head = run.model.get_output_embeddings()
-    lensed = [i for i in layers if i != run.adapter.n_layers - 1]
+    last = run.adapter.n_layers - 1
+    lensed = [i for i in (layers or range(last)) if i != last]
     with torch.no_grad():
         for batch in make_batches(run.encoded, batch_size, run.tokenizer.pad_token_id):
             tail = batch.response_tail
@@ -92,6 +93,14 @@ def lens_floor_pass(run: ModelRun, batch_size: int, layers: list[int]) -> None:
                             position_ids=batch.position_ids, output_hidden_states=True, logits_to_keep=tail)
             for i in lensed:                                                  # hidden_states[i + 1]: after layer i
                 head(norm(out.hidden_states[i + 1][:, -tail:])).sum()
+
+
+def make_plugins(ctx: RunContext, layers: list[int]) -> list:
+    """token_shift (no attribution) and layer_lens on ``layers`` (empty: every layer), set up for ``ctx``."""
+    plugins = [TokenShiftPlugin({"attribution": False}), LayerLensPlugin({"layers": layers})]
+    for p in plugins:
+        p.setup(ctx)
+    return plugins
 
 
 def plugin_pass(ctx: RunContext, run: ModelRun, plugins, batch_size: int, peaks: list | None = None) -> None:
@@ -117,25 +126,20 @@ def model_end(ctx: RunContext, run: ModelRun, plugins) -> None:
 def measure(spec: ModelSpec, n_prompts: int, distinct: int, batch_size: int, repeats: int,
             layers: list[int]) -> dict[str, Timing]:
     model, tok = load_model(spec)
-    layers = layers or list(range(model.config.num_hidden_layers))
     items = prompts(n_prompts, distinct)
     times = {k: Timing() for k in ("plain", "floor", "first", "first_end", "second", "second_end")}
     with tempfile.TemporaryDirectory() as tmp:  # warm-up on one batch: one-time costs out of every timing
         ctx, runs = setup(spec, model, tok, items[:batch_size], Path(tmp), batch_size)
         plain_pass(runs["a"], batch_size)
         lens_floor_pass(runs["a"], batch_size, layers)
-        plugins = [TokenShiftPlugin({"attribution": False}), LayerLensPlugin({"layers": layers})]
-        for p in plugins:
-            p.setup(ctx)
+        plugins = make_plugins(ctx, layers)
         for key in ("a", "b"):
             plugin_pass(ctx, runs[key], plugins, batch_size)
             model_end(ctx, runs[key], plugins)
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
             ctx, runs = setup(spec, model, tok, items, Path(tmp), batch_size)
-            plugins = [TokenShiftPlugin({"attribution": False}), LayerLensPlugin({"layers": layers})]
-            for p in plugins:
-                p.setup(ctx)
+            plugins = make_plugins(ctx, layers)
             timed(lambda: plain_pass(runs["a"], batch_size), spec.device, times["plain"])
             timed(lambda: lens_floor_pass(runs["a"], batch_size, layers), spec.device, times["floor"])
             timed(lambda: plugin_pass(ctx, runs["a"], plugins, batch_size), spec.device, times["first"])
@@ -153,14 +157,11 @@ FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "1
 def batch_peaks(spec: ModelSpec, n_prompts: int, distinct: int, batch_size: int, layers: list[int]) -> dict:
     """Per-batch peaks (MiB above each batch's start) of the first and the second model's pass."""
     model, tok = load_model(spec)
-    layers = layers or list(range(model.config.num_hidden_layers))
     out = {}
     for warm_up in (True, False):  # the first pass pays one-time allocations; only the second is reported
         with tempfile.TemporaryDirectory() as tmp:
             ctx, runs = setup(spec, model, tok, prompts(n_prompts, distinct), Path(tmp), batch_size)
-            plugins = [TokenShiftPlugin({"attribution": False}), LayerLensPlugin({"layers": layers})]
-            for p in plugins:
-                p.setup(ctx)
+            plugins = make_plugins(ctx, layers)
             for key in ("a", "b"):
                 peaks: list = []
                 plugin_pass(ctx, runs[key], plugins, batch_size, peaks)

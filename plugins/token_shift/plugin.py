@@ -127,9 +127,9 @@ class TokenShiftPlugin(PairedPlugin):
                                                             for b in range(len(batch.items))], "ids": full_ids})
         del others
         tokens = [self._token(run, t) for t in columns["token_id"].tolist()] if readers else []  # (text, is_format)
+        mine = {"rank": own["rank"].numpy(), "logp": own["logp"].numpy()}
         for (base, tuned, _), vs in zip(readers, versus):
             vs = {k: v.cpu().numpy() for k, v in vs.items()}
-            mine = {"rank": own["rank"].numpy(), "logp": own["logp"].numpy()}
             b, t = (vs, mine) if run.key == tuned else (mine, vs)
             kl_tb, kl_bt = ((vs["kl_own_other"], vs["kl_other_own"]) if run.key == tuned
                             else (vs["kl_other_own"], vs["kl_own_other"]))

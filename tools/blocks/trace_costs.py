@@ -7,19 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tools.blocks.common import number
+from tools.blocks.common import markdown_rows, number
 from tools.readme import ReadmeError
 
 
 def _table_rows(text: str, cells: int) -> list[list[str]]:
     """Data rows (first cell a number) of the markdown tables in ``text`` with ``cells`` columns."""
-    rows = []
-    for line in text.splitlines():
-        if line.startswith("| "):
-            row = [c.strip() for c in line.strip().strip("|").split("|")]
-            if len(row) == cells and row[0].replace(",", "").isdigit():
-                rows.append(row)
-    return rows
+    return [row for row in markdown_rows(text, "") if len(row) == cells and row[0].replace(",", "").isdigit()]
 
 
 @dataclass
